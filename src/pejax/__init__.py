@@ -1,0 +1,43 @@
+"""pejax: Private Evolution on a JAX core.
+
+Differentially private synthetic data through a generator's inference API only (Lin et al., ICLR 2024).
+The public surface is the names in ``__all__``; modules whose names start with an underscore are internal.
+"""
+
+from pejax import accounting
+from pejax.accounting import BudgetExceededError
+from pejax.accounting import PrivacyLedger
+from pejax.accounting import Release
+from pejax.mechanism import AllZeroHistogramWarning
+from pejax.mechanism import PejaxWarning
+from pejax.mechanism import Selection
+from pejax.mechanism import add_gaussian_noise
+from pejax.mechanism import select
+from pejax.mechanism import select_parents
+from pejax.mechanism import threshold
+from pejax.neighbors import Neighbors
+from pejax.neighbors import nearest_neighbors
+from pejax.votes import HISTOGRAM_SENSITIVITY
+from pejax.votes import histogram_sensitivity
+from pejax.votes import vote_histogram
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HISTOGRAM_SENSITIVITY",
+    "AllZeroHistogramWarning",
+    "BudgetExceededError",
+    "Neighbors",
+    "PejaxWarning",
+    "PrivacyLedger",
+    "Release",
+    "Selection",
+    "accounting",
+    "add_gaussian_noise",
+    "histogram_sensitivity",
+    "nearest_neighbors",
+    "select",
+    "select_parents",
+    "threshold",
+    "vote_histogram",
+]

@@ -1,0 +1,119 @@
+"""Eager argument validation shared by every public function.
+
+Each check raises ``ValueError`` or ``TypeError`` whose message names the argument, quotes the value (or its
+shape and dtype) and says how to fix it. Checks run in Python before tracing: they never run inside ``jit``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is an abstract tracer (we are inside ``jit``/``vmap``): value checks must be skipped."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """Returns ``value`` as an ``int`` after checking it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}."
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
+    return int(value)
+
+
+def finite_float(
+    name: str, value: Any, *, minimum: float | None = None, strict: bool = False
+) -> float:
+    """Returns ``value`` as a finite ``float``; with ``minimum``, checks ``value >= minimum`` (``>`` if strict)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number, got {value!r} of type {type(value).__name__}."
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}.")
+    if minimum is not None:
+        if strict and not value > minimum:
+            raise ValueError(f"{name} must be > {minimum}, got {value}.")
+        if not strict and not value >= minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def epsilon(value: Any, name: str = "epsilon") -> float:
+    """Checks a privacy parameter epsilon: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number, got {value!r}.")
+    value = float(value)
+    if math.isnan(value) or value <= 0 or math.isinf(value):
+        raise ValueError(
+            f"{name} must be a finite number > 0, got {value}. Pass e.g. {name}=1.0; for a run without "
+            "privacy use noise_multiplier=0 explicitly instead of an infinite epsilon."
+        )
+    return value
+
+
+def delta(value: Any, name: str = "delta") -> float:
+    """Checks a privacy parameter delta: a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in (0, 1), got {value!r}.")
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{name} must lie strictly between 0 and 1, got {value}. A usual choice is "
+            f"{name} = 1 / (n ln n) for n private samples, well below 1/n."
+        )
+    return value
+
+
+def one_of(name: str, value: Any, options: tuple[str, ...]) -> str:
+    """Checks that ``value`` is one of the strings ``options`` (exact match)."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+    return value
+
+
+def matrix(name: str, x: Any, *, allow_traced: bool = True) -> jax.Array:
+    """Checks a 2-D floating-point array with at least one row and column and only finite values.
+
+    Returns the array as a JAX array (float64 inputs are kept as they are; integer inputs are refused).
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D array of shape (num_samples, dim), got shape {tuple(x.shape)}. "
+            "Reshape it, e.g. x.reshape(len(x), -1)."
+        )
+    if (
+        not np.issubdtype(np.dtype(x.dtype), np.floating)
+        and np.dtype(x.dtype) != jax.numpy.bfloat16
+    ):
+        raise TypeError(
+            f"{name} must have a floating dtype, got {x.dtype}. Convert it, e.g. {name}.astype(np.float32)."
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}.")
+    if is_traced(x):
+        if not allow_traced:
+            raise TypeError(f"{name} must be a concrete array, not a traced value.")
+        return x
+    finite = bool(jax.numpy.isfinite(jax.numpy.asarray(x)).all())
+    if not finite:
+        bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))
+        row = int(bad[0][0])
+        raise ValueError(
+            f"{name} contains NaN or Inf ({len(bad)} entries, first in row {row}). Embeddings must be finite: "
+            "check the embedding function or the images that produced row "
+            f"{row}; drop or repair those rows before voting."
+        )
+    return jax.numpy.asarray(x)

@@ -1,0 +1,313 @@
+"""Privacy accounting for Private Evolution, built on Google's ``dp_accounting``.
+
+Every noisy release of PE is a Gaussian mechanism on a histogram of L2 sensitivity 1 (see :mod:`pejax.votes`):
+the ``dp_accounting`` event ``GaussianDpEvent(noise_multiplier)``. Classes partition the private data, so the
+per-class histograms of one iteration compose in parallel and cost one event together. T iterations are
+``SelfComposedDpEvent(GaussianDpEvent(sigma), T)``.
+
+Accountants (``accountant=``):
+
+* ``"pld"`` (default): privacy loss distributions. For compositions of Gaussian mechanisms it is exact up to
+  a discretisation error far below the reported digits, and it matches the closed form below.
+* ``"rdp"``: Renyi DP. Valid but loose: about 8% larger epsilon for PE's settings (2.81 instead of 2.59 at
+  sigma = 5 sqrt(2), T = 20, delta = 1e-5), because the RDP-to-(epsilon, delta) conversion is lossy.
+* ``"gaussian"``: the closed form. T Gaussian mechanisms with multipliers sigma_i compose exactly into one
+  Gaussian mechanism with multiplier ``(sum_i sigma_i^-2)^(-1/2)`` (Gaussian DP, mu = sqrt(T)/sigma), whose
+  exact epsilon is ``dp_accounting.get_epsilon_gaussian``. It is a cross-check only valid for pure Gaussian
+  compositions.
+
+This module builds events and asks ``dp_accounting`` for epsilons; it holds no epsilon formula of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from pejax import _validate
+from pejax.votes import HISTOGRAM_SENSITIVITY
+from pejax.votes import NEIGHBORING_RELATION_SAMPLE
+
+ACCOUNTANTS = ("pld", "rdp", "gaussian")
+DEFAULT_ACCOUNTANT = "pld"
+
+
+class BudgetExceededError(ValueError):
+    """A release (or a planned schedule) would spend more privacy than the target allows."""
+
+
+def gaussian_event(noise_multiplier: float, iterations: int = 1) -> dp_accounting.DpEvent:
+    """The ``dp_accounting`` event of ``iterations`` Gaussian releases of sensitivity 1 with one multiplier."""
+    event = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if iterations == 1:
+        return event
+    return dp_accounting.SelfComposedDpEvent(event, iterations)
+
+
+def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+    if accountant == "pld":
+        return pld_privacy_accountant.PLDAccountant()
+    if accountant == "rdp":
+        return rdp_privacy_accountant.RdpAccountant()
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
+
+
+def _gaussian_multipliers(event: dp_accounting.DpEvent) -> list[float]:
+    """Flattens a composition of Gaussian events into their multipliers (for the closed form)."""
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return [event.noise_multiplier]
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return _gaussian_multipliers(event.event) * event.count
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return [s for e in event.events for s in _gaussian_multipliers(e)]
+    if isinstance(event, dp_accounting.NoOpDpEvent):
+        return []
+    raise dp_accounting.UnsupportedEventError(
+        f"the closed-form 'gaussian' accountant only composes Gaussian events, got {event!r}; "
+        "use accountant='pld' or 'rdp'."
+    )
+
+
+def epsilon_of_event(event: dp_accounting.DpEvent, *, delta: float, accountant: str) -> float:
+    """Epsilon of any ``dp_accounting`` event at ``delta`` under ``accountant``."""
+    _validate.one_of("accountant", accountant, ACCOUNTANTS)
+    delta = _validate.delta(delta)
+    if accountant == "gaussian":
+        multipliers = _gaussian_multipliers(event)
+        if not multipliers:
+            return 0.0
+        if any(s == 0 for s in multipliers):
+            return math.inf
+        effective = sum(s**-2 for s in multipliers) ** -0.5
+        return float(dp_accounting.get_epsilon_gaussian(effective, delta))
+    acc = _make_accountant(accountant)
+    return float(acc.compose(event).get_epsilon(delta))
+
+
+def _check_noise(noise_multiplier: Any) -> float:
+    return _validate.finite_float("noise_multiplier", noise_multiplier, minimum=0.0)
+
+
+def epsilon(
+    *, noise_multiplier: float, iterations: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
+    """Epsilon spent by ``iterations`` PE iterations with Gaussian noise ``noise_multiplier``.
+
+    Args:
+      noise_multiplier: noise standard deviation divided by the histogram's L2 sensitivity (1), >= 0.
+      iterations: number of noisy histogram releases T >= 1 (classes compose in parallel: count iterations,
+        not classes).
+      delta: target delta in (0, 1).
+      accountant: ``"pld"`` (default, exact), ``"rdp"`` or ``"gaussian"`` (closed form).
+
+    Returns:
+      epsilon (``inf`` for ``noise_multiplier == 0``).
+
+    Example:
+      >>> round(epsilon(noise_multiplier=5 * 2**0.5, iterations=20, delta=1e-5), 3)
+      2.594
+    """
+    nm = _check_noise(noise_multiplier)
+    t = _validate.positive_int("iterations", iterations)
+    _validate.delta(delta)
+    _validate.one_of("accountant", accountant, ACCOUNTANTS)
+    if nm == 0:
+        return math.inf
+    return epsilon_of_event(gaussian_event(nm, t), delta=delta, accountant=accountant)
+
+
+def noise_multiplier(
+    *, epsilon: float, iterations: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
+    """Smallest noise multiplier whose ``iterations`` releases stay within (epsilon, delta).
+
+    Calibrated with ``dp_accounting.calibrate_dp_mechanism`` (``"pld"``, ``"rdp"``) or the exact inverse of
+    the closed form (``"gaussian"``: ``get_sigma_gaussian(epsilon, delta) * sqrt(T)``).
+
+    Example:
+      >>> round(noise_multiplier(epsilon=2.5944, iterations=20, delta=1e-5), 2)
+      7.07
+    """
+    eps = _validate.epsilon(epsilon)
+    t = _validate.positive_int("iterations", iterations)
+    dl = _validate.delta(delta)
+    _validate.one_of("accountant", accountant, ACCOUNTANTS)
+    closed_form = float(dp_accounting.get_sigma_gaussian(eps, dl) * math.sqrt(t))
+    if accountant == "gaussian":
+        return closed_form
+    # The exact closed form brackets the answer: PLD agrees with it, RDP needs a somewhat larger multiplier.
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        lambda: _make_accountant(accountant),
+        lambda s: gaussian_event(s, t),
+        eps,
+        dl,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(
+            0.5 * closed_form, 2.0 * closed_form
+        ),
+        tol=1e-6,
+    )
+    # calibrate_dp_mechanism returns a value within tol on the safe side; check it and step up if needed.
+    while epsilon_of_event(gaussian_event(sigma, t), delta=dl, accountant=accountant) > eps:
+        sigma *= 1.0 + 1e-6
+    return float(sigma)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Release:
+    """One noisy release of private information, as recorded by :class:`PrivacyLedger`.
+
+    Attributes:
+      iteration: the PE iteration it belongs to (0 for releases made before the loop, e.g. class counts).
+      noise_multiplier: noise standard deviation divided by ``sensitivity``.
+      sensitivity: L2 sensitivity of the released quantity under ``neighboring_relation``.
+      neighboring_relation: ``"add_or_remove_one_sample"`` or ``"add_or_remove_one_group"``.
+      description: what was released (e.g. ``"vote histogram"`` or ``"class counts"``).
+      count: how many identical releases this entry stands for (1 unless composed in bulk).
+    """
+
+    iteration: int
+    noise_multiplier: float
+    sensitivity: float = HISTOGRAM_SENSITIVITY
+    neighboring_relation: str = NEIGHBORING_RELATION_SAMPLE
+    description: str = "vote histogram"
+    count: int = 1
+
+    def __post_init__(self):
+        _validate.positive_int("iteration", self.iteration, minimum=0)
+        _check_noise(self.noise_multiplier)
+        _validate.finite_float("sensitivity", self.sensitivity, minimum=0.0, strict=True)
+        _validate.positive_int("count", self.count)
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """The ``dp_accounting`` event of this release (noise std / sensitivity is the multiplier)."""
+        return gaussian_event(self.noise_multiplier, self.count)
+
+
+class PrivacyLedger:
+    """Records every noisy release of a run and reports the privacy spent so far under each accountant.
+
+    The ledger is the source of truth for what a run spent: it is saved in every checkpoint, so a resumed run
+    continues it and never records (or spends) an iteration twice.
+
+    Example:
+      >>> ledger = PrivacyLedger(delta=1e-5)
+      >>> for t in range(1, 21):
+      ...     ledger.record(Release(iteration=t, noise_multiplier=5 * 2**0.5))
+      >>> round(ledger.epsilon("pld"), 3)
+      2.594
+    """
+
+    def __init__(self, *, delta: float, releases: Sequence[Release] = ()):
+        self.delta = _validate.delta(delta)
+        self._releases: list[Release] = []
+        for release in releases:
+            self.record(release)
+
+    @property
+    def releases(self) -> tuple[Release, ...]:
+        return tuple(self._releases)
+
+    def __len__(self) -> int:
+        return len(self._releases)
+
+    def record(self, release: Release) -> None:
+        """Appends a release; refuses a second vote-histogram release for an iteration already recorded."""
+        if not isinstance(release, Release):
+            raise TypeError(
+                f"record() takes a pejax.accounting.Release, got {type(release).__name__}."
+            )
+        for r in self._releases:
+            if r.iteration == release.iteration and r.description == release.description:
+                raise ValueError(
+                    f"iteration {release.iteration} already has a {release.description!r} release in the "
+                    "ledger; recording it again would count (or spend) its privacy twice."
+                )
+        self._releases.append(release)
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """Composition of every recorded release."""
+        if not self._releases:
+            return dp_accounting.NoOpDpEvent()
+        return dp_accounting.ComposedDpEvent([r.dp_event() for r in self._releases])
+
+    def epsilon(self, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+        """Epsilon spent so far at the ledger's delta."""
+        if not self._releases:
+            return 0.0
+        if any(r.noise_multiplier == 0 for r in self._releases):
+            return math.inf
+        return epsilon_of_event(self.dp_event(), delta=self.delta, accountant=accountant)
+
+    def epsilons(self) -> dict[str, float]:
+        """Epsilon spent so far under every accountant."""
+        return {name: self.epsilon(name) for name in ACCOUNTANTS}
+
+    def epsilon_if(self, planned: Sequence[Release], accountant: str = DEFAULT_ACCOUNTANT) -> float:
+        """Epsilon the ledger would show after also recording ``planned`` (nothing is recorded)."""
+        trial = PrivacyLedger(delta=self.delta, releases=[*self._releases, *planned])
+        return trial.epsilon(accountant)
+
+    def check_budget(
+        self, planned: Sequence[Release], *, epsilon: float, accountant: str = DEFAULT_ACCOUNTANT
+    ) -> float:
+        """Raises :class:`BudgetExceededError` if ``planned`` would take the ledger above ``epsilon``.
+
+        Returns:
+          the epsilon the ledger would show after the planned releases.
+        """
+        target = _validate.epsilon(epsilon)
+        after = self.epsilon_if(planned, accountant)
+        if after > target * (1 + 1e-9):
+            raise BudgetExceededError(
+                f"the planned releases would spend epsilon={after:.6g} under the {accountant!r} accountant at "
+                f"delta={self.delta:g}, above the target epsilon={target:g} (already spent: "
+                f"{self.epsilon(accountant):.6g}). Raise the noise multiplier, run fewer iterations, or "
+                "raise the target."
+            )
+        return after
+
+    def to_json(self) -> str:
+        """Serialises the ledger (delta and releases) to JSON."""
+        return json.dumps(
+            {"delta": self.delta, "releases": [dataclasses.asdict(r) for r in self._releases]},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Inverse of :meth:`to_json`; raises ``ValueError`` on malformed input."""
+        try:
+            data = json.loads(text)
+            return cls(delta=data["delta"], releases=[Release(**r) for r in data["releases"]])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"malformed privacy ledger JSON: {e}") from e
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, PrivacyLedger)
+            and self.delta == other.delta
+            and self._releases == other._releases
+        )
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger(delta={self.delta:g}, releases={len(self._releases)})"
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DEFAULT_ACCOUNTANT",
+    "BudgetExceededError",
+    "PrivacyLedger",
+    "Release",
+    "epsilon",
+    "epsilon_of_event",
+    "gaussian_event",
+    "noise_multiplier",
+]

@@ -1,0 +1,194 @@
+"""The Gaussian mechanism on the vote histogram, and the post-processing that follows it.
+
+``add_gaussian_noise`` is the single privacy-relevant step: noise of standard deviation
+``noise_multiplier * sensitivity`` per bin. ``threshold`` and ``select`` only post-process the noisy histogram
+and cost no privacy.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pejax import _validate
+from pejax.votes import HISTOGRAM_SENSITIVITY
+
+SELECTION_MODES = ("sample", "rank")
+
+
+class PejaxWarning(UserWarning):
+    """Base class of the warnings pejax emits."""
+
+
+class AllZeroHistogramWarning(PejaxWarning):
+    """Every bin of a thresholded histogram was zero, so selection fell back to uniform."""
+
+
+class Selection(NamedTuple):
+    """Result of :func:`select_parents`.
+
+    Attributes:
+      indices: (num_samples,) int32 indices of the selected bins.
+      uniform_fallback: scalar bool, True when every bin was <= 0 and the selection was uniform instead.
+    """
+
+    indices: jax.Array
+    uniform_fallback: jax.Array
+
+
+def _histogram(name: str, histogram) -> jax.Array:
+    h = jnp.asarray(histogram)
+    if h.ndim != 1 or h.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a non-empty 1-D array of bins, got shape {tuple(h.shape)}."
+        )
+    if not jnp.issubdtype(h.dtype, jnp.floating):
+        h = h.astype(jnp.float32)
+    if not _validate.is_traced(h) and not bool(jnp.isfinite(h).all()):
+        raise ValueError(f"{name} contains NaN or Inf; a vote histogram must be finite.")
+    return h
+
+
+@jax.jit
+def _noise(key, histogram, std):
+    noise = jax.random.normal(key, histogram.shape, jnp.float32)
+    return histogram.astype(jnp.float32) + std * noise
+
+
+def add_gaussian_noise(
+    key: jax.Array,
+    histogram: jax.Array,
+    *,
+    noise_multiplier: float,
+    sensitivity: float = HISTOGRAM_SENSITIVITY,
+) -> jax.Array:
+    """Adds i.i.d. Gaussian noise of standard deviation ``noise_multiplier * sensitivity`` to every bin.
+
+    Args:
+      key: a ``jax.random`` key. Never reuse it for another release.
+      histogram: (m,) float vote histogram.
+      noise_multiplier: noise standard deviation in units of the sensitivity, >= 0 (0 means no privacy).
+      sensitivity: L2 sensitivity of ``histogram`` (1 for :func:`pejax.vote_histogram`).
+
+    Returns:
+      (m,) float32 noisy histogram.
+
+    Example:
+      >>> import jax
+      >>> h = add_gaussian_noise(jax.random.key(0), jax.numpy.zeros(3), noise_multiplier=2.0)
+      >>> h.shape
+      (3,)
+    """
+    h = _histogram("histogram", histogram)
+    nm = _validate.finite_float("noise_multiplier", noise_multiplier, minimum=0.0)
+    sens = _validate.finite_float("sensitivity", sensitivity, minimum=0.0, strict=True)
+    return _noise(key, h, jnp.float32(nm * sens))
+
+
+@jax.jit
+def _threshold(histogram, t):
+    return jnp.maximum(histogram - t, 0.0)
+
+
+def threshold(histogram: jax.Array, *, threshold: float) -> jax.Array:
+    """Returns ``max(histogram - threshold, 0)`` bin by bin.
+
+    Args:
+      histogram: (m,) float histogram (usually noisy).
+      threshold: a finite number, in vote units (e.g. a multiple of the noise standard deviation).
+
+    Returns:
+      (m,) float32 array, non-negative.
+
+    Example:
+      >>> threshold(jax.numpy.array([3.0, 0.5, -1.0]), threshold=1.0).tolist()
+      [2.0, 0.0, 0.0]
+    """
+    h = _histogram("histogram", histogram)
+    t = _validate.finite_float("threshold", threshold)
+    return _threshold(h.astype(jnp.float32), jnp.float32(t))
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "mode"))
+def _select(key, histogram, *, num_samples, mode):
+    h = jnp.maximum(histogram.astype(jnp.float32), 0.0)
+    all_zero = jnp.all(h <= 0)
+    if mode == "rank":
+        # top_k returns the lowest index first among equal values.
+        _, idx = lax.top_k(h, num_samples)
+        return Selection(idx.astype(jnp.int32), all_zero)
+    weights = jnp.where(all_zero, jnp.ones_like(h), h)
+    logits = jnp.log(weights)  # log(0) = -inf: that bin is never drawn
+    idx = jax.random.categorical(key, logits, shape=(num_samples,))
+    return Selection(idx.astype(jnp.int32), all_zero)
+
+
+def select_parents(
+    key: jax.Array, histogram: jax.Array, *, num_samples: int, mode: str = "sample"
+) -> Selection:
+    """Selects parent indices from a (thresholded) histogram and reports whether it fell back to uniform.
+
+    Args:
+      key: a ``jax.random`` key (unused by ``mode="rank"``).
+      histogram: (m,) non-negative float histogram; negative bins count as 0.
+      num_samples: number of indices to return (``mode="rank"``: at most m).
+      mode: ``"sample"``: with replacement, with probability proportional to the histogram, uniform when every
+        bin is 0; ``"rank"``: the ``num_samples`` largest bins, ties to the lowest index.
+
+    Returns:
+      ``Selection(indices, uniform_fallback)``.
+    """
+    h = _histogram("histogram", histogram)
+    _validate.one_of("mode", mode, SELECTION_MODES)
+    n = _validate.positive_int("num_samples", num_samples)
+    if mode == "rank" and n > h.shape[0]:
+        raise ValueError(
+            f"mode='rank' selects distinct bins, so num_samples ({n}) must be <= the number of bins "
+            f"({h.shape[0]}). Use mode='sample' or a smaller num_samples."
+        )
+    return _select(key, h, num_samples=n, mode=mode)
+
+
+def select(
+    key: jax.Array, histogram: jax.Array, *, num_samples: int, mode: str = "sample"
+) -> jax.Array:
+    """Selects parent indices from a (thresholded) histogram; see :func:`select_parents`.
+
+    When every bin is zero, ``mode="sample"`` draws uniformly instead of producing NaN and emits an
+    :class:`AllZeroHistogramWarning` (use :func:`select_parents` to get the flag as a value instead).
+
+    Returns:
+      (num_samples,) int32 indices.
+
+    Example:
+      >>> import jax
+      >>> select(jax.random.key(0), jax.numpy.array([0.0, 5.0, 0.0]), num_samples=4).tolist()
+      [1, 1, 1, 1]
+    """
+    selection = select_parents(key, histogram, num_samples=num_samples, mode=mode)
+    if not _validate.is_traced(selection.uniform_fallback) and bool(selection.uniform_fallback):
+        if mode == "sample":
+            warnings.warn(
+                "every bin of the histogram is zero (nothing survived the threshold); parents were drawn "
+                "uniformly. Lower the threshold or the number of synthetic samples per class.",
+                AllZeroHistogramWarning,
+                stacklevel=2,
+            )
+    return selection.indices
+
+
+__all__ = [
+    "SELECTION_MODES",
+    "AllZeroHistogramWarning",
+    "PejaxWarning",
+    "Selection",
+    "add_gaussian_noise",
+    "select",
+    "select_parents",
+    "threshold",
+]

@@ -1,0 +1,250 @@
+"""Streaming k-nearest-neighbour search.
+
+The n x m distance matrix is never built: queries are processed in blocks of ``block_size`` rows (the last block
+padded so every block has the same static shape, and the block size balanced so padding wastes at most a few
+rows), and when the key set is large, keys are processed in blocks too with a running top-k merge. Extra memory
+is O(block_size x key_block_size) floats.
+
+Distances by metric (smaller is always nearer):
+
+* ``"l2"``: *squared* Euclidean distance ``||q - x||^2`` (computed as ``||q||^2 - 2 q.x + ||x||^2`` and clipped
+  at 0; ranking uses ``||x||^2 - 2 q.x``, which orders keys identically).
+* ``"cosine"``: cosine distance ``1 - cos(q, x)``; zero vectors are treated as having cosine 0 with everything.
+* ``"ip"``: negative inner product ``-q.x`` (the largest inner product is nearest).
+
+Ties go to the lowest key index.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pejax import _validate
+
+METRICS = ("l2", "cosine", "ip")
+
+# Elements (queries x keys) of one score block: 2**25 float32 = 128 MiB.
+_MAX_BLOCK_ELEMENTS = 1 << 25
+_MAX_QUERY_BLOCK = 2048
+_ROW_MULTIPLE = 8
+
+
+class Neighbors(NamedTuple):
+    """Result of :func:`nearest_neighbors`.
+
+    Attributes:
+      distances: (n, k) float32, ascending along the last axis (see the module docstring for their meaning).
+      indices: (n, k) int32 indices into ``keys``.
+    """
+
+    distances: jax.Array
+    indices: jax.Array
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def balanced_block(n: int, block_size: int) -> tuple[int, int]:
+    """Splits ``n`` rows into equal blocks of at most ``block_size`` rows.
+
+    Returns ``(num_blocks, rows_per_block)`` with rows a multiple of 8 (or ``n`` itself when it is smaller),
+    so that the padded total ``num_blocks * rows_per_block`` exceeds ``n`` by fewer than ``8 * num_blocks``.
+    """
+    num_blocks = max(1, -(-n // block_size))
+    rows = -(-n // num_blocks)
+    if num_blocks > 1 or rows > _ROW_MULTIPLE:
+        rows = _round_up(rows, _ROW_MULTIPLE)
+    return num_blocks, rows
+
+
+def default_block_sizes(n: int, m: int, block_size: int | None) -> tuple[int, int]:
+    """Chooses (query block, key block) sizes so one score block holds at most 2**25 elements."""
+    if block_size is None:
+        block_size = max(_ROW_MULTIPLE, min(_MAX_QUERY_BLOCK, _MAX_BLOCK_ELEMENTS // max(m, 1)))
+        block_size = min(block_size, n)
+    key_block = max(1, _MAX_BLOCK_ELEMENTS // max(block_size, 1))
+    key_block = m if key_block >= m else _round_up(key_block, 128)
+    return block_size, min(key_block, m)
+
+
+def _prepare(x: jax.Array, metric: str) -> jax.Array:
+    if metric == "cosine":
+        norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+        return (x.astype(jnp.float32) / jnp.where(norm > 0, norm, 1.0)).astype(x.dtype)
+    return x
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "metric", "query_block", "key_block", "num_query_blocks", "precision"),
+)
+def _knn(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, precision):
+    n, d = queries.shape
+    m = keys.shape[0]
+    queries = _prepare(queries, metric)
+    keys = _prepare(keys, metric)
+
+    num_key_blocks = -(-m // key_block)
+    m_pad = num_key_blocks * key_block
+    keys_p = jnp.pad(keys, ((0, m_pad - m), (0, 0)))
+    if metric == "l2":
+        key_sq = jnp.sum(jnp.square(keys_p.astype(jnp.float32)), axis=-1)
+    else:
+        key_sq = jnp.zeros((m_pad,), jnp.float32)
+    # Padded keys can never win.
+    key_bias = jnp.where(jnp.arange(m_pad) < m, key_sq, jnp.inf)
+    keys_b = keys_p.reshape(num_key_blocks, key_block, d)
+    bias_b = key_bias.reshape(num_key_blocks, key_block)
+    scale = -2.0 if metric == "l2" else -1.0
+
+    def block_scores(q, kb, bb):
+        dots = lax.dot_general(
+            q, kb, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
+        return bb[None, :] + scale * dots  # (rows, key_block): smaller is nearer
+
+    def one_query_block(q):
+        if num_key_blocks == 1:
+            neg, idx = lax.top_k(-block_scores(q, keys_b[0], bias_b[0]), k)
+            return -neg, idx
+
+        def step(carry, inputs):
+            best_s, best_i = carry
+            kb, bb, offset = inputs
+            kk = min(k, key_block)
+            neg, idx = lax.top_k(-block_scores(q, kb, bb), kk)
+            # Running best first: on equal scores top_k keeps the earlier (lower-index) entry.
+            cand_s = jnp.concatenate([best_s, -neg], axis=1)
+            cand_i = jnp.concatenate([best_i, idx + offset], axis=1)
+            neg2, pos = lax.top_k(-cand_s, k)
+            return (-neg2, jnp.take_along_axis(cand_i, pos, axis=1)), None
+
+        rows = q.shape[0]
+        init = (jnp.full((rows, k), jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32))
+        offsets = jnp.arange(num_key_blocks, dtype=jnp.int32) * key_block
+        (best_s, best_i), _ = lax.scan(step, init, (keys_b, bias_b, offsets))
+        return best_s, best_i
+
+    n_pad = num_query_blocks * query_block
+    q_p = jnp.pad(queries, ((0, n_pad - n), (0, 0))).reshape(num_query_blocks, query_block, d)
+    scores, idx = lax.map(one_query_block, q_p)
+    scores = scores.reshape(n_pad, k)[:n]
+    idx = idx.reshape(n_pad, k)[:n]
+
+    if metric == "l2":
+        q_sq = jnp.sum(jnp.square(queries.astype(jnp.float32)), axis=-1, keepdims=True)
+        dist = jnp.maximum(scores + q_sq, 0.0)
+    elif metric == "cosine":
+        dist = 1.0 + scores
+    else:
+        dist = scores
+    return Neighbors(dist, idx.astype(jnp.int32))
+
+
+_PRECISIONS = {
+    "highest": lax.Precision.HIGHEST,
+    "high": lax.Precision.HIGH,
+    "default": lax.Precision.DEFAULT,
+}
+
+
+def check_pair(queries, keys, *, k: int, metric: str, queries_name: str, keys_name: str):
+    """Validates a (queries, keys, k, metric) quadruple; returns (queries, keys) as JAX arrays."""
+    _validate.one_of("metric", metric, METRICS)
+    queries = _validate.matrix(queries_name, queries)
+    keys = _validate.matrix(keys_name, keys)
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"{queries_name} and {keys_name} must have the same embedding dimension, got "
+            f"{queries_name}.shape={tuple(queries.shape)} and {keys_name}.shape={tuple(keys.shape)}. "
+            "Embed both with the same embedding function."
+        )
+    _validate.positive_int("k", k)
+    if k > keys.shape[0]:
+        raise ValueError(
+            f"k={k} exceeds the number of {keys_name} ({keys.shape[0]}); each query needs k distinct "
+            f"neighbours. Use k <= {keys.shape[0]} or more {keys_name}."
+        )
+    if queries.dtype != keys.dtype:
+        common = jnp.promote_types(queries.dtype, keys.dtype)
+        queries, keys = queries.astype(common), keys.astype(common)
+    return queries, keys
+
+
+def nearest_neighbors(
+    queries: jax.Array,
+    keys: jax.Array,
+    *,
+    k: int = 1,
+    metric: str = "l2",
+    block_size: int | None = None,
+    key_block_size: int | None = None,
+    precision: str = "highest",
+) -> Neighbors:
+    """Finds the ``k`` nearest keys of every query, streaming in blocks.
+
+    Args:
+      queries: (n, d) floating array (e.g. private embeddings). Must be finite.
+      keys: (m, d) floating array (e.g. synthetic embeddings), with the same ``d``. Must be finite.
+      k: number of neighbours, 1 <= k <= m.
+      metric: ``"l2"`` (squared Euclidean), ``"cosine"`` or ``"ip"`` (inner product); see the module docstring.
+      block_size: queries per block (default: as many as keep one score block under 2**25 elements, at most
+        2048). The last block is balanced and padded, so all blocks share one static shape.
+      key_block_size: keys per block (default: all keys when a block of scores fits 2**25 elements, otherwise
+        a multiple of 128 that does). Peak extra memory is about ``block_size * key_block_size`` float32.
+      precision: matmul precision, ``"highest"`` (full float32; default), ``"high"`` or ``"default"`` (on GPUs
+        and TPUs the latter two trade accuracy for speed). This does not change any privacy property.
+
+    Returns:
+      ``Neighbors(distances, indices)``: (n, k) float32 distances in ascending order and (n, k) int32 indices.
+      Ties go to the lowest key index.
+
+    Raises:
+      ValueError: non-2-D, empty or non-finite inputs, mismatched dimensions, unknown metric, k out of range.
+      TypeError: non-floating inputs or a non-integer k.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+      >>> x = jnp.array([[1.0, 1.2], [0.1, 0.0], [5.0, 5.0]])
+      >>> nearest_neighbors(q, x, k=1).indices.ravel().tolist()
+      [1, 0]
+    """
+    queries, keys = check_pair(
+        queries, keys, k=k, metric=metric, queries_name="queries", keys_name="keys"
+    )
+    n, m = queries.shape[0], keys.shape[0]
+    if block_size is not None:
+        _validate.positive_int("block_size", block_size)
+    if key_block_size is not None:
+        _validate.positive_int("key_block_size", key_block_size)
+    _validate.one_of("precision", precision, tuple(_PRECISIONS))
+    qb, kb = default_block_sizes(n, m, block_size)
+    if key_block_size is not None:
+        kb = min(key_block_size, m)
+    num_blocks, rows = balanced_block(n, qb)
+    return _knn(
+        queries,
+        keys,
+        k=k,
+        metric=metric,
+        query_block=rows,
+        key_block=kb,
+        num_query_blocks=num_blocks,
+        precision=_PRECISIONS[precision],
+    )
+
+
+def padded_work_fraction(n: int, block_size: int) -> float:
+    """Fraction of the query rows computed that are padding, for a given ``n`` and ``block_size``."""
+    num_blocks, rows = balanced_block(n, block_size)
+    return 1.0 - n / (num_blocks * rows) if n else 0.0
+
+
+__all__ = ["METRICS", "Neighbors", "nearest_neighbors"]

@@ -1,0 +1,169 @@
+"""The vote histogram: the only computation in PE that reads private data.
+
+Each private sample votes for its ``k`` nearest synthetic samples with weight ``1/sqrt(k)``, so its vote vector
+has L2 norm exactly 1. At user level (``group_ids`` given), the summed vote vector of each group (all samples of
+one person) is divided by its L2 norm, so it too has norm exactly 1. Adding or removing one sample (or, at user
+level, one whole group) therefore changes the histogram by a vector of L2 norm at most 1: the histogram's L2
+sensitivity under the add/remove-one neighbouring relation is :data:`HISTOGRAM_SENSITIVITY` = 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pejax import neighbors as _nn
+
+HISTOGRAM_SENSITIVITY = 1.0
+"""L2 sensitivity of :func:`vote_histogram` under adding or removing one private sample (or one group)."""
+
+NEIGHBORING_RELATION_SAMPLE = "add_or_remove_one_sample"
+NEIGHBORING_RELATION_GROUP = "add_or_remove_one_group"
+
+
+def histogram_sensitivity(*, user_level: bool = False) -> float:
+    """Returns the L2 sensitivity of the vote histogram (1 at sample level and at user level).
+
+    Args:
+      user_level: whether neighbouring data sets differ by one group (user) instead of one sample. The value is
+        1 either way because each group's vote vector is normalised to norm 1; the argument documents the
+        neighbouring relation the caller relies on.
+    """
+    del user_level
+    return HISTOGRAM_SENSITIVITY
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "k"))
+def votes_from_indices(indices: jax.Array, *, num_bins: int, k: int) -> jax.Array:
+    """Sample-level histogram from neighbour indices.
+
+    Args:
+      indices: (n, k) int neighbour indices in [0, num_bins), distinct within a row.
+      num_bins: m, the number of synthetic samples.
+      k: neighbours per sample (each vote weighs 1/sqrt(k)).
+
+    Returns:
+      (num_bins,) float32 histogram summing to n * sqrt(k).
+    """
+    weight = 1.0 / np.sqrt(k)
+    return jnp.zeros((num_bins,), jnp.float32).at[indices.reshape(-1)].add(weight)
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "k"))
+def group_votes_from_indices(
+    indices: jax.Array, groups: jax.Array, *, num_bins: int, k: int
+) -> jax.Array:
+    """User-level histogram: each group's summed vote vector is scaled to L2 norm 1.
+
+    Args:
+      indices: (n, k) int neighbour indices in [0, num_bins).
+      groups: (n,) int32 dense group ids in [0, n).
+      num_bins: m, the number of synthetic samples.
+      k: neighbours per sample.
+
+    Returns:
+      (num_bins,) float32 histogram; each group contributes a vector of L2 norm 1.
+    """
+    n = indices.shape[0]
+    flat_bins = indices.reshape(-1).astype(jnp.int32)
+    flat_groups = jnp.repeat(groups.astype(jnp.int32), k)
+    # Sort the (group, bin) pairs and run-length count them: count[g, b] = votes of group g for bin b.
+    g_sorted, b_sorted = lax.sort((flat_groups, flat_bins), num_keys=2)
+    new_run = jnp.concatenate(
+        [jnp.array([True]), (g_sorted[1:] != g_sorted[:-1]) | (b_sorted[1:] != b_sorted[:-1])]
+    )
+    run_id = jnp.cumsum(new_run) - 1
+    run_count = jax.ops.segment_sum(jnp.ones_like(run_id, jnp.float32), run_id, num_segments=n * k)
+    run_group = jax.ops.segment_max(g_sorted, run_id, num_segments=n * k)
+    # ||v_g||^2 = sum_b (count[g, b] / sqrt(k))^2; empty runs have count 0 and add nothing.
+    sq_norm = jax.ops.segment_sum(
+        jnp.square(run_count) / k, jnp.maximum(run_group, 0), num_segments=n
+    )
+    inv_norm = jnp.where(sq_norm > 0, lax.rsqrt(jnp.maximum(sq_norm, 1e-30)), 0.0)
+    weights = inv_norm[flat_groups] / np.sqrt(k)
+    return jnp.zeros((num_bins,), jnp.float32).at[flat_bins].add(weights)
+
+
+def dense_group_ids(group_ids, num_samples: int) -> jax.Array:
+    """Validates ``group_ids`` and relabels them densely to 0..G-1 (int32, shape (num_samples,))."""
+    ids = np.asarray(group_ids)
+    if ids.ndim != 1 or ids.shape[0] != num_samples:
+        raise ValueError(
+            f"group_ids must have shape ({num_samples},) (one id per private sample), got shape {ids.shape}. "
+            "Pass the user id of each private sample, in the same order as the samples."
+        )
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(
+            f"group_ids must be integers, got dtype {ids.dtype}. Map user names to integers first, e.g. "
+            "np.unique(names, return_inverse=True)[1]."
+        )
+    _, dense = np.unique(ids, return_inverse=True)
+    return jnp.asarray(dense.astype(np.int32))
+
+
+def vote_histogram(
+    private: jax.Array,
+    synthetic: jax.Array,
+    *,
+    k: int = 1,
+    metric: str = "l2",
+    group_ids=None,
+    block_size: int | None = None,
+    key_block_size: int | None = None,
+    precision: str = "highest",
+) -> jax.Array:
+    """Nearest-neighbour vote histogram of private embeddings over synthetic embeddings.
+
+    Args:
+      private: (n, d) float private embeddings (finite).
+      synthetic: (m, d) float synthetic embeddings (finite), m >= k.
+      k: each private sample votes for its k nearest synthetic samples with weight 1/sqrt(k).
+      metric: ``"l2"``, ``"cosine"`` or ``"ip"``, as in :func:`pejax.nearest_neighbors`.
+      group_ids: optional (n,) integer user ids for user-level privacy; each user's summed vote vector is scaled
+        to L2 norm 1.
+      block_size, key_block_size, precision: speed settings passed to :func:`pejax.nearest_neighbors`; they do
+        not change the votes (beyond float32 near-ties) nor the privacy guarantee.
+
+    Returns:
+      (m,) float32 histogram with L2 sensitivity :data:`HISTOGRAM_SENSITIVITY` = 1. At sample level it sums to
+      n * sqrt(k).
+
+    Raises:
+      ValueError, TypeError: as :func:`pejax.nearest_neighbors`, and for ``group_ids`` of the wrong length
+        or type.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> private = jnp.array([[0.0], [0.1], [0.9]])
+      >>> synthetic = jnp.array([[0.0], [1.0]])
+      >>> vote_histogram(private, synthetic).tolist()
+      [2.0, 1.0]
+    """
+    private, synthetic = _nn.check_pair(
+        private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
+    )
+    groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
+    result = _nn.nearest_neighbors(
+        private,
+        synthetic,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    )
+    m = synthetic.shape[0]
+    if groups is None:
+        return votes_from_indices(result.indices, num_bins=m, k=k)
+    return group_votes_from_indices(result.indices, groups, num_bins=m, k=k)
+
+
+__all__ = [
+    "HISTOGRAM_SENSITIVITY",
+    "histogram_sensitivity",
+    "vote_histogram",
+]

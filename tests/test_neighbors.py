@@ -1,0 +1,162 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _reference import knn
+
+import pejax
+from pejax import neighbors as nn_mod
+
+# (n, m, d, k, block_size, key_block_size): n not a multiple of the block, m < block, k = m, d = 1, key blocks.
+AWKWARD = [
+    (37, 5, 1, 1, 8, None),
+    (37, 5, 1, 5, 8, None),
+    (1001, 300, 7, 3, 100, 128),
+    (64, 64, 3, 64, 16, None),
+    (13, 1000, 2, 5, None, 256),
+    (257, 129, 33, 2, 64, 128),
+    (300, 700, 16, 1, 1000, 129),
+]
+
+
+def _data(n, m, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(m, d)).astype(np.float32)
+
+
+def _call(jit, q, x, **kw):
+    fn = functools.partial(pejax.nearest_neighbors, **kw)
+    return (jax.jit(fn) if jit else fn)(q, x)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+@pytest.mark.parametrize("case", AWKWARD)
+def test_matches_float64_reference(case, metric, jit):
+    n, m, d, k, bs, kbs = case
+    q, x = _data(n, m, d, seed=n + m + d)
+    out = _call(jit, q, x, k=k, metric=metric, block_size=bs, key_block_size=kbs)
+    ref_d, ref_i, full = knn(q, x, k, metric)
+    assert out.distances.shape == (n, k) and out.indices.shape == (n, k)
+    assert out.distances.dtype == jnp.float32 and out.indices.dtype == jnp.int32
+    got_i = np.asarray(out.indices)
+    scale = max(1.0, float(np.abs(full).max()))
+    np.testing.assert_allclose(np.asarray(out.distances), ref_d, atol=2e-5 * scale, rtol=1e-4)
+    # The returned neighbours are truly the k nearest: their float64 distances equal the reference's.
+    np.testing.assert_allclose(
+        np.take_along_axis(full, got_i, 1), ref_d, atol=2e-5 * scale, rtol=1e-4
+    )
+    # Distinct neighbours per row.
+    assert all(len(set(row)) == k for row in got_i.tolist())
+    # Exact id agreement, except where the float64 reference has a near-tie.
+    gaps = np.diff(np.sort(full, axis=1)[:, : k + 1], axis=1) if k < m else np.ones((n, 1))
+    clear = ((gaps > 1e-5 * scale) | (gaps == 0)).all(axis=1)  # exact ties are decided by index
+    np.testing.assert_array_equal(got_i[clear], ref_i[clear])
+    if (
+        d >= 4
+    ):  # in 1-2 dimensions most rows have genuine float32 near-ties; distances are checked above
+        assert clear.mean() > 0.9
+
+
+@pytest.mark.parametrize("key_block_size", [None, 1, 2, 3])
+def test_ties_go_to_lowest_index(key_block_size):
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    keys = jnp.array([b, a, b, a, a, b], jnp.float32)
+    queries = jnp.array([a, b], jnp.float32)
+    out = pejax.nearest_neighbors(queries, keys, k=3, key_block_size=key_block_size)
+    assert out.indices.tolist() == [[1, 3, 4], [0, 2, 5]]
+
+
+def test_squared_l2_distances():
+    out = pejax.nearest_neighbors(jnp.array([[0.0, 0.0]]), jnp.array([[3.0, 4.0]]))
+    assert float(out.distances[0, 0]) == pytest.approx(25.0)
+
+
+def test_ip_prefers_largest_inner_product_and_cosine_ignores_norm():
+    q = jnp.array([[1.0, 0.0]])
+    x = jnp.array([[1.0, 0.0], [10.0, 1.0]])
+    assert pejax.nearest_neighbors(q, x, metric="ip").indices.tolist() == [[1]]
+    assert pejax.nearest_neighbors(q, x, metric="cosine").indices.tolist() == [[0]]
+    assert float(pejax.nearest_neighbors(q, x, metric="ip").distances[0, 0]) == pytest.approx(-10.0)
+
+
+def test_float64_and_bfloat16_inputs():
+    q, x = _data(50, 40, 8)
+    out = pejax.nearest_neighbors(q.astype(np.float64), x.astype(np.float64), k=2)
+    np.testing.assert_array_equal(np.asarray(out.indices), knn(q, x, 2, "l2")[1])
+    out16 = pejax.nearest_neighbors(jnp.asarray(q, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16))
+    assert out16.indices.shape == (50, 1)
+
+
+def test_compiles_once_per_shape():
+    q, x = _data(100, 60, 4)
+    pejax.nearest_neighbors(q, x, k=2, block_size=32)
+    before = nn_mod._knn._cache_size()
+    pejax.nearest_neighbors(q + 1, x - 1, k=2, block_size=32)
+    pejax.nearest_neighbors(q * 2, x, k=2, block_size=32)
+    assert nn_mod._knn._cache_size() == before
+
+
+def test_never_materialises_the_full_matrix():
+    n, m, d = 1000, 900, 4
+    q, x = _data(n, m, d)
+    qb, kb = 64, 256
+    num_blocks, rows = nn_mod.balanced_block(n, qb)
+    jaxpr = jax.make_jaxpr(
+        functools.partial(
+            nn_mod._knn,
+            k=3,
+            metric="l2",
+            query_block=rows,
+            key_block=kb,
+            num_query_blocks=num_blocks,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    )(q, x)
+
+    def sizes(jpr):
+        for eqn in jpr.eqns:
+            for v in eqn.outvars:
+                yield int(np.prod(v.aval.shape)) if hasattr(v.aval, "shape") else 0
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None:
+                    yield from sizes(getattr(inner, "jaxpr", inner))
+
+    largest = max(sizes(jaxpr.jaxpr))
+    assert largest <= max(rows * kb, n * d, m * d) * 2
+    assert largest < n * m
+
+
+@pytest.mark.parametrize("n,block", [(1000, 256), (1025, 1024), (5, 8), (4097, 2048)])
+def test_balanced_blocks_pad_little(n, block):
+    num_blocks, rows = nn_mod.balanced_block(n, block)
+    assert num_blocks * rows >= n
+    assert rows <= max(block, 8)
+    assert num_blocks * rows - n < 8 * num_blocks
+
+
+BAD = [
+    (lambda q, x: (q.at[3, 1].set(jnp.nan), x), {}, ValueError, "NaN or Inf"),
+    (lambda q, x: (q, x.at[0, 0].set(jnp.inf)), {}, ValueError, "synthetic|keys"),
+    (lambda q, x: (q[:, :3], x), {}, ValueError, "same embedding dimension"),
+    (lambda q, x: (q, x), {"k": 11}, ValueError, "k=11 exceeds"),
+    (lambda q, x: (q, x), {"k": 0}, ValueError, "k must be"),
+    (lambda q, x: (q, x), {"k": 1.5}, TypeError, "k must be an integer"),
+    (lambda q, x: (q[:0], x), {}, ValueError, "must not be empty"),
+    (lambda q, x: (q, x[:, :0]), {}, ValueError, "must not be empty"),
+    (lambda q, x: (q, x), {"metric": "euclid"}, ValueError, "metric must be one of"),
+    (lambda q, x: (q[0], x), {}, ValueError, "2-D array"),
+    (lambda q, x: (q.astype(jnp.int32), x), {}, TypeError, "floating dtype"),
+    (lambda q, x: (q, x), {"block_size": 0}, ValueError, "block_size"),
+]
+
+
+@pytest.mark.parametrize("mutate,kwargs,exc,match", BAD)
+def test_bad_inputs_raise_clear_errors(mutate, kwargs, exc, match):
+    q, x = _data(20, 10, 4)
+    q, x = mutate(jnp.asarray(q), jnp.asarray(x))
+    with pytest.raises(exc, match=match):
+        pejax.nearest_neighbors(q, x, **kwargs)

@@ -1,0 +1,104 @@
+import functools
+
+import jax
+import numpy as np
+import pytest
+from _reference import counter_histogram
+from _reference import group_histogram
+from _reference import knn
+
+import pejax
+
+
+def _data(n, m, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(m, d)).astype(np.float32)
+
+
+CASES = [(37, 5, 1, 1), (1001, 300, 7, 3), (64, 64, 3, 64), (257, 129, 33, 2), (500, 50, 16, 4)]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+@pytest.mark.parametrize("n,m,d,k", CASES)
+def test_votes_match_counter(n, m, d, k, metric, jit):
+    priv, syn = _data(n, m, d, seed=n * m)
+    fn = functools.partial(pejax.vote_histogram, k=k, metric=metric, block_size=64)
+    hist = (jax.jit(fn) if jit else fn)(priv, syn)
+    assert hist.shape == (m,) and hist.dtype == np.float32
+    # Count the votes of the neighbours pejax found (validated against float64 in test_neighbors) with a Counter,
+    # and of the float64 neighbours: they agree except for near-ties, which move at most a few votes.
+    got = pejax.nearest_neighbors(priv, syn, k=k, metric=metric).indices
+    np.testing.assert_allclose(np.asarray(hist), counter_histogram(got, m, k), rtol=1e-5, atol=1e-4)
+    ref = counter_histogram(knn(priv, syn, k, metric)[1], m, k)
+    assert np.abs(np.asarray(hist) - ref).sum() <= 2 * 0.02 * n * np.sqrt(k) + 1e-3
+    assert float(hist.sum()) == pytest.approx(n * np.sqrt(k), rel=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_group_normalisation_matches_direct_computation(metric, k):
+    priv, syn = _data(300, 40, 6, seed=k)
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 37, size=300) * 7 - 100  # sparse, negative, unsorted ids
+    hist = pejax.vote_histogram(priv, syn, k=k, metric=metric, group_ids=groups)
+    idx = pejax.nearest_neighbors(priv, syn, k=k, metric=metric).indices
+    np.testing.assert_allclose(
+        np.asarray(hist), group_histogram(idx, groups, 40, k), rtol=1e-5, atol=1e-5
+    )
+    # A single group's histogram has norm exactly 1, however many samples it holds.
+    one = pejax.vote_histogram(priv[:50], syn, k=k, metric=metric, group_ids=np.zeros(50, np.int64))
+    assert float(np.linalg.norm(np.asarray(one))) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_sample_level_sensitivity_is_at_most_one(k):
+    priv, syn = _data(120, 30, 5, seed=k)
+    full = np.asarray(pejax.vote_histogram(priv, syn, k=k))
+    for i in range(0, 120, 7):
+        neighbour = np.asarray(pejax.vote_histogram(np.delete(priv, i, axis=0), syn, k=k))
+        assert np.linalg.norm(full - neighbour) <= pejax.HISTOGRAM_SENSITIVITY + 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_group_level_sensitivity_is_at_most_one(k):
+    priv, syn = _data(200, 25, 4, seed=10 + k)
+    groups = np.random.default_rng(k).integers(0, 15, size=200)
+    full = np.asarray(pejax.vote_histogram(priv, syn, k=k, group_ids=groups))
+    worst = 0.0
+    for g in np.unique(groups):
+        keep = groups != g
+        neighbour = np.asarray(pejax.vote_histogram(priv[keep], syn, k=k, group_ids=groups[keep]))
+        worst = max(worst, np.linalg.norm(full - neighbour))
+    assert worst <= 1 + 1e-5
+    assert (
+        worst > 0.99
+    )  # removing a group removes a unit vector: the bound is tight, the test can fail
+    # Without normalisation a group with many samples would move the histogram by much more than 1.
+    raw = np.asarray(pejax.vote_histogram(priv, syn, k=k))
+    big = np.bincount(groups).argmax()
+    raw_nb = np.asarray(pejax.vote_histogram(priv[groups != big], syn, k=k))
+    assert np.linalg.norm(raw - raw_nb) > 1.5
+
+
+def test_sensitivity_constant():
+    assert pejax.HISTOGRAM_SENSITIVITY == 1.0
+    assert pejax.histogram_sensitivity(user_level=True) == 1.0
+
+
+def test_group_ids_errors():
+    priv, syn = _data(10, 5, 3)
+    with pytest.raises(ValueError, match=r"group_ids must have shape \(10,\)"):
+        pejax.vote_histogram(priv, syn, group_ids=np.zeros(9, int))
+    with pytest.raises(TypeError, match="group_ids must be integers"):
+        pejax.vote_histogram(priv, syn, group_ids=np.zeros(10, float))
+
+
+def test_vote_errors_name_private_and_synthetic():
+    priv, syn = _data(10, 5, 3)
+    with pytest.raises(ValueError, match="private contains NaN"):
+        pejax.vote_histogram(np.where(priv > 1, np.nan, priv), syn)
+    with pytest.raises(ValueError, match="synthetic"):
+        pejax.vote_histogram(priv, syn[:, :2])
+    with pytest.raises(ValueError, match="k=6 exceeds the number of synthetic"):
+        pejax.vote_histogram(priv, syn, k=6)
