@@ -12,7 +12,9 @@ Randomness is explicit: every call takes a ``jax.random`` key and the same key g
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
+from typing import Protocol
+from typing import runtime_checkable
 
 import jax
 

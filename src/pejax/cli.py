@@ -1,0 +1,111 @@
+"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax account``."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+
+from pejax import accounting
+
+
+def _account(args) -> int:
+    if (args.epsilon is None) == (args.noise_multiplier is None):
+        print(
+            "pejax account: give exactly one of --epsilon and --noise-multiplier.", file=sys.stderr
+        )
+        return 2
+    if args.epsilon is not None:
+        sigma = accounting.noise_multiplier(
+            epsilon=args.epsilon,
+            iterations=args.iterations,
+            delta=args.delta,
+            accountant=args.accountant,
+        )
+        print(f"noise multiplier ({args.accountant}-calibrated): {sigma:.6f}")
+    else:
+        sigma = args.noise_multiplier
+        print(f"noise multiplier: {sigma:.6f}")
+    print(f"iterations: {args.iterations}, delta: {args.delta:g}")
+    for name in accounting.ACCOUNTANTS:
+        eps = accounting.epsilon(
+            noise_multiplier=sigma, iterations=args.iterations, delta=args.delta, accountant=name
+        )
+        print(f"epsilon ({name}): {eps:.6f}")
+    return 0
+
+
+def _demo(args) -> int:
+    from pejax.experiment import DEMO_CONFIG
+    from pejax.experiment import run_experiment
+
+    config = copy.deepcopy(DEMO_CONFIG)
+    config["run"]["seed"] = args.seed
+    if args.epsilon is not None:
+        if math.isinf(args.epsilon):
+            config["privacy"] = {"epsilon": None, "noise_multiplier": 0.0}
+        else:
+            config["privacy"]["epsilon"] = args.epsilon
+    if args.iterations is not None:
+        config["pe"]["iterations"] = args.iterations
+    run_experiment(config, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _run(args) -> int:
+    from pejax.config import load_config_file
+    from pejax.experiment import run_experiment
+
+    config = load_config_file(args.config)
+    out = args.out or (config.get("run") or {}).get("out")
+    if out is None:
+        print("pejax run: give --out DIR or run.out in the config file.", file=sys.stderr)
+        return 2
+    run_experiment(config, out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pejax", description="Differentially private synthetic data by Private Evolution."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="PE on scikit-learn's digits with the glyph simulator")
+    demo.add_argument("--out", default="pejax-demo", help="output folder (default: pejax-demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epsilon", type=float, default=None, help="default 1; inf = no noise")
+    demo.add_argument("--iterations", type=int, default=None)
+    demo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(fn=_demo)
+
+    run = sub.add_parser("run", help="run a TOML or YAML configuration")
+    run.add_argument("config")
+    run.add_argument("--out", default=None)
+    run.add_argument("--resume", action="store_true")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(fn=_run)
+
+    acc = sub.add_parser("account", help="noise multiplier and epsilon under every accountant")
+    acc.add_argument("--epsilon", type=float, default=None)
+    acc.add_argument("--noise-multiplier", type=float, default=None)
+    acc.add_argument("--delta", type=float, required=True)
+    acc.add_argument("--iterations", type=int, required=True)
+    acc.add_argument("--accountant", default="pld", choices=accounting.ACCOUNTANTS)
+    acc.set_defaults(fn=_account)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"pejax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Run configuration: frozen, keyword-only dataclasses validated on construction.
+
+Settings that change the privacy guarantee (:class:`PrivacyConfig`) are kept apart from the algorithm's
+hyperparameters (:class:`PEConfig`) and from speed settings (:class:`SpeedConfig`, which never change the
+mechanism). ``RunConfig`` groups them and loads from TOML or YAML with unknown keys refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+from pejax import _validate
+from pejax.accounting import ACCOUNTANTS
+from pejax.mechanism import SELECTION_MODES
+from pejax.neighbors import METRICS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """What the run may spend.
+
+    Attributes:
+      epsilon: target epsilon (> 0). Alone, the noise is calibrated to it; with ``noise_multiplier``, it is a
+        budget that the run refuses to exceed. ``None``: no budget (``noise_multiplier`` required).
+      delta: target delta in (0, 1); ``None`` means ``1 / (n ln n)`` for n private samples.
+      noise_multiplier: fixed noise multiplier of the vote histograms; 0 means no privacy at all (for
+        experiments only: the report then says epsilon = inf).
+      accountant: accountant used to calibrate and to enforce the budget (``"pld"``, ``"rdp"``, ``"gaussian"``).
+        The report shows every accountant.
+      class_proportions: public class proportions (one per class, summing to 1) used to split synthetic
+        samples over classes. ``None`` (default) estimates them from the private data with the Gaussian
+        mechanism, spending ``class_count_budget`` of the budget (recorded in the ledger).
+      class_count_budget: the share of the privacy budget (as a share of the total squared Gaussian-DP mu,
+        i.e. of the precision 1/sigma^2) spent on the class counts, in (0, 1).
+      user_level: whether ``group_ids`` are given and the neighbouring relation is add/remove one user.
+    """
+
+    epsilon: float | None = 1.0
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    accountant: str = "pld"
+    class_proportions: tuple[float, ...] | None = None
+    class_count_budget: float = 0.05
+    user_level: bool = False
+
+    def __post_init__(self):
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                "give privacy.epsilon (a target to calibrate the noise to) or privacy.noise_multiplier (a "
+                "fixed noise; with epsilon too, epsilon is then a budget the run must not exceed)."
+            )
+        if self.epsilon is not None:
+            _validate.epsilon(self.epsilon, "privacy.epsilon")
+        if self.noise_multiplier is not None:
+            _validate.finite_float("privacy.noise_multiplier", self.noise_multiplier, minimum=0.0)
+        if self.delta is not None:
+            _validate.delta(self.delta, "privacy.delta")
+        _validate.one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
+        frac = _validate.finite_float("privacy.class_count_budget", self.class_count_budget)
+        if not 0.0 < frac < 1.0:
+            raise ValueError(f"privacy.class_count_budget must lie in (0, 1), got {frac}.")
+        if self.class_proportions is not None:
+            props = tuple(float(p) for p in self.class_proportions)
+            if any(not math.isfinite(p) or p <= 0 for p in props) or abs(sum(props) - 1.0) > 1e-6:
+                raise ValueError(
+                    "privacy.class_proportions must be positive numbers summing to 1 (public "
+                    f"proportions, one per class), got {self.class_proportions!r}."
+                )
+            object.__setattr__(self, "class_proportions", props)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PEConfig:
+    """The algorithm's hyperparameters (chosen on public data; they do not change the privacy analysis).
+
+    Attributes:
+      num_classes: number of classes; private labels must lie in [0, num_classes).
+      samples_per_iteration: synthetic candidates per iteration over all classes (split by class proportions).
+      iterations: number of noisy histogram releases T.
+      k: each private sample votes for its k nearest candidates.
+      metric: ``"l2"``, ``"cosine"`` or ``"ip"``.
+      lookahead_degree: L; a candidate's embedding is the mean embedding of L variations of it (0: itself).
+      threshold_sigmas: bins below ``threshold_sigmas * noise_multiplier`` votes are dropped after the noise.
+      selection_mode: ``"sample"`` (proportional, with replacement) or ``"rank"`` (top bins).
+      keep_selected: keep the selected parents in the next population (the rest are their variations).
+      variation_folds: variations made from each parent; parents = candidates / folds per class.
+      degrees: variation degree per iteration 1..T (the generator's own scale), or two numbers
+        ``(first, last)`` interpolated geometrically.
+      output: ``"parents"`` (the last iteration's selected parents plus ``final_variations`` variations each)
+        or ``"population"`` (fresh variations of the last parents).
+      final_samples_per_class: size of the released synthetic set per class (``None``: as many as the
+        candidates of that class).
+      final_degree: variation degree of the extra samples made from the final parents (post-processing).
+      min_samples_per_class: lower bound on candidates per class whatever the class proportions.
+    """
+
+    num_classes: int
+    samples_per_iteration: int = 200
+    iterations: int = 5
+    k: int = 1
+    metric: str = "l2"
+    lookahead_degree: int = 0
+    threshold_sigmas: float = 1.0
+    selection_mode: str = "sample"
+    keep_selected: bool = False
+    variation_folds: int = 1
+    degrees: tuple[float, ...] = (0.8, 0.2)
+    output: str = "parents"
+    final_samples_per_class: int | None = None
+    final_degree: float = 0.1
+    min_samples_per_class: int = 4
+
+    def __post_init__(self):
+        _validate.positive_int("pe.num_classes", self.num_classes)
+        _validate.positive_int("pe.samples_per_iteration", self.samples_per_iteration)
+        _validate.positive_int("pe.iterations", self.iterations)
+        _validate.positive_int("pe.k", self.k)
+        _validate.one_of("pe.metric", self.metric, METRICS)
+        _validate.positive_int("pe.lookahead_degree", self.lookahead_degree, minimum=0)
+        _validate.finite_float("pe.threshold_sigmas", self.threshold_sigmas, minimum=0.0)
+        _validate.one_of("pe.selection_mode", self.selection_mode, SELECTION_MODES)
+        _validate.positive_int("pe.variation_folds", self.variation_folds)
+        _validate.one_of("pe.output", self.output, ("parents", "population"))
+        _validate.finite_float("pe.final_degree", self.final_degree, minimum=0.0)
+        _validate.positive_int("pe.min_samples_per_class", self.min_samples_per_class)
+        if self.final_samples_per_class is not None:
+            _validate.positive_int("pe.final_samples_per_class", self.final_samples_per_class)
+        degrees = tuple(
+            _validate.finite_float("pe.degrees", d, minimum=0.0) for d in tuple(self.degrees)
+        )
+        if len(degrees) not in (2, self.iterations) or not degrees:
+            raise ValueError(
+                f"pe.degrees must hold 2 numbers (first, last) or one per iteration ({self.iterations}), "
+                f"got {self.degrees!r}."
+            )
+        object.__setattr__(self, "degrees", degrees)
+        if self.min_samples_per_class < self.k:
+            raise ValueError(
+                f"pe.min_samples_per_class ({self.min_samples_per_class}) must be >= pe.k ({self.k}): "
+                "every class needs at least k candidates to vote for."
+            )
+        if self.samples_per_iteration < self.num_classes * self.min_samples_per_class:
+            raise ValueError(
+                f"pe.samples_per_iteration ({self.samples_per_iteration}) is too small for "
+                f"{self.num_classes} classes with at least {self.min_samples_per_class} samples each; "
+                f"use at least {self.num_classes * self.min_samples_per_class}."
+            )
+
+    def degree(self, iteration: int) -> float:
+        """Variation degree used after the selection of ``iteration`` (1-based)."""
+        if len(self.degrees) == self.iterations:
+            return self.degrees[iteration - 1]
+        first, last = self.degrees
+        if self.iterations == 1 or first == last:
+            return first
+        frac = (iteration - 1) / (self.iterations - 1)
+        if first > 0 and last > 0:
+            return float(first * (last / first) ** frac)
+        return float(first + (last - first) * frac)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpeedConfig:
+    """Speed settings: they change how fast a run goes, never what it computes or its privacy.
+
+    Attributes:
+      block_size: private samples per nearest-neighbour block (``None``: automatic).
+      generator_retries: times a failing generator call is retried before the run stops.
+      retry_backoff_s: first wait between retries in seconds (doubles after each failure).
+    """
+
+    block_size: int | None = None
+    generator_retries: int = 2
+    retry_backoff_s: float = 0.5
+
+    def __post_init__(self):
+        if self.block_size is not None:
+            _validate.positive_int("speed.block_size", self.block_size)
+        _validate.positive_int("speed.generator_retries", self.generator_retries, minimum=0)
+        _validate.finite_float("speed.retry_backoff_s", self.retry_backoff_s, minimum=0.0)
+
+
+def _build(cls, section: str, values: Any):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"config section [{section}] must be a table, got {type(values).__name__}."
+        )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"unknown key(s) in config section [{section}]: {', '.join(hints)}. "
+            f"Valid keys: {', '.join(sorted(fields))}."
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+SECTIONS = ("privacy", "pe", "speed", "data", "generator", "embedding", "run")
+
+
+def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into a dict, refusing unknown sections."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from e
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "reading YAML configs needs PyYAML: pip install 'pejax[demo]'."
+            ) from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    else:
+        raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml.")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a table of sections.")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown section(s) {unknown} in config file {str(path)!r}; valid sections: {list(SECTIONS)}."
+        )
+    return data
+
+
+def privacy_from_dict(values) -> PrivacyConfig:
+    return _build(PrivacyConfig, "privacy", values)
+
+
+def pe_from_dict(values) -> PEConfig:
+    return _build(PEConfig, "pe", values)
+
+
+def speed_from_dict(values) -> SpeedConfig:
+    return _build(SpeedConfig, "speed", values)
+
+
+def check_keys(section: str, values: dict | None, allowed: tuple[str, ...]) -> dict:
+    """Refuses keys outside ``allowed`` in a free-form config section (data, generator, embedding, run)."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section [{section}]; valid keys: {sorted(allowed)}."
+        )
+    return values
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }

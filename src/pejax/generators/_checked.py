@@ -1,0 +1,128 @@
+"""Calls into untrusted generators: output checks, bounded retries with backoff, clear errors."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pejax.mechanism import PejaxWarning
+
+
+class GeneratorError(RuntimeError):
+    """A generator call failed permanently or returned something malformed."""
+
+
+class GeneratorRetryWarning(PejaxWarning):
+    """A generator call failed and is being retried."""
+
+
+def _leading(samples) -> set[int]:
+    leaves = jax.tree_util.tree_leaves(samples)
+    return {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+
+
+class CheckedGenerator:
+    """Wraps a :class:`pejax.generators.Generator` so that every call is checked and retried.
+
+    Checks after each call: the samples pytree is non-empty with one leading size equal to the number asked
+    for; ``to_images`` gives a float array (N, H, W, C) with C in {1, 3}, finite, in [0, 1] (values within 1e-3
+    of the range are clipped), with the same (H, W, C) on every call. Exceptions raised by the generator are
+    retried ``retries`` times with exponential backoff (same key, so a deterministic generator gives the same
+    result); malformed output is not retried.
+    """
+
+    def __init__(self, generator, *, retries: int = 2, backoff_s: float = 0.5):
+        for method in ("random", "variation", "to_images"):
+            if not callable(getattr(generator, method, None)):
+                raise TypeError(
+                    f"generator {type(generator).__name__} has no method {method}(); a pejax generator "
+                    "implements random(key, label, num_samples), variation(key, samples, label, degree) and "
+                    "to_images(samples)."
+                )
+        self.inner = generator
+        self.name = str(getattr(generator, "name", type(generator).__name__))
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.image_shape: tuple[int, int, int] | None = None
+
+    def _call(self, what: str, fn, *args):
+        wait = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args)
+            except Exception as e:  # generators are untrusted; we report and re-raise
+                if attempt == self.retries:
+                    raise GeneratorError(
+                        f"generator {self.name!r} failed in {what} after {attempt + 1} attempt(s): "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+                warnings.warn(
+                    f"generator {self.name!r} raised {type(e).__name__} in {what} (attempt {attempt + 1} of "
+                    f"{self.retries + 1}); retrying in {wait:g} s.",
+                    GeneratorRetryWarning,
+                    stacklevel=3,
+                )
+                time.sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_samples(self, what: str, samples, expected: int):
+        if not jax.tree_util.tree_leaves(samples):
+            raise GeneratorError(f"generator {self.name!r} returned no arrays from {what}.")
+        sizes = _leading(samples)
+        if sizes != {expected}:
+            raise GeneratorError(
+                f"generator {self.name!r} returned {sorted(sizes)} samples from {what}, expected {expected} "
+                "(every array of the samples must have that leading size)."
+            )
+        return samples
+
+    def images(self, samples, what: str = "to_images") -> jax.Array:
+        """Renders samples through the generator and checks the images."""
+        expected = _leading(samples).pop()
+        images = self._call(what, self.inner.to_images, samples)
+        shape = tuple(np.shape(images))
+        if len(shape) != 4 or shape[0] != expected or shape[-1] not in (1, 3):
+            raise GeneratorError(
+                f"generator {self.name!r}: {what} must return images of shape ({expected}, H, W, C) with C "
+                f"1 or 3, got shape {shape}."
+            )
+        images = jnp.asarray(images)
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise GeneratorError(
+                f"generator {self.name!r}: {what} must return float images in [0, 1], got dtype "
+                f"{images.dtype}."
+            )
+        if self.image_shape is None:
+            self.image_shape = shape[1:]
+        elif shape[1:] != self.image_shape:
+            raise GeneratorError(
+                f"generator {self.name!r}: {what} returned images of shape {shape[1:]}, earlier calls gave "
+                f"{self.image_shape}; a generator must keep one image shape."
+            )
+        lo, hi, finite = jax.device_get(
+            (jnp.min(images), jnp.max(images), jnp.isfinite(images).all())
+        )
+        if not finite:
+            raise GeneratorError(f"generator {self.name!r}: {what} returned NaN or Inf pixels.")
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise GeneratorError(
+                f"generator {self.name!r}: {what} returned pixel values in [{lo:g}, {hi:g}], outside the "
+                "documented range [0, 1]."
+            )
+        return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+
+    def random(self, key, label: int, num_samples: int):
+        what = f"random(label={label}, num_samples={num_samples})"
+        samples = self._call(what, self.inner.random, key, label, num_samples)
+        return self._check_samples(what, samples, num_samples)
+
+    def variation(self, key, samples, label: int, degree: float):
+        n = _leading(samples).pop()
+        what = f"variation(label={label}, {n} samples, degree={degree:g})"
+        out = self._call(what, self.inner.variation, key, samples, label, degree)
+        return self._check_samples(what, out, n)

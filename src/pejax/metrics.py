@@ -1,0 +1,221 @@
+"""Quality metrics for synthetic images: Frechet distance and downstream classification accuracy.
+
+These run on the host after a run (or in a callback). They are *evaluation* tools: a metric
+computed on private data and then used to steer a run or to choose hyperparameters spends privacy
+that pejax does not account.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from pejax import _validate
+from pejax import embeddings as _embeddings
+
+
+def _check_embeddings(name: str, x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D array of embeddings (num_samples, dim), got shape {x.shape}. "
+            "Embed images first, e.g. pixel_embedding(images)."
+        )
+    if x.dtype == np.bool_ or not (
+        np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+    ):
+        raise TypeError(f"{name} must have a real numeric dtype, got {x.dtype}.")
+    if x.shape[0] < 2:
+        raise ValueError(
+            f"{name} needs at least 2 samples to estimate a covariance, got shape {x.shape}."
+        )
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one dimension, got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))
+        raise ValueError(
+            f"{name} contains NaN or Inf ({len(bad)} entries, first in row {int(bad[0][0])}). "
+            "Drop or repair those rows."
+        )
+    return x
+
+
+@jax.jit
+def _frechet(x: jax.Array, y: jax.Array) -> jax.Array:
+    def stats(z):
+        mu = z.mean(axis=0)
+        zc = z - mu
+        return mu, zc.T @ zc / (z.shape[0] - 1)
+
+    mu1, s1 = stats(x)
+    mu2, s2 = stats(y)
+    # sqrt(S1) by symmetric eigendecomposition; round-off negative eigenvalues are clipped at 0.
+    w1, v1 = jnp.linalg.eigh(s1)
+    sqrt_s1 = (v1 * jnp.sqrt(jnp.clip(w1, 0.0))) @ v1.T
+    # tr sqrt(S1 S2) = tr sqrt(sqrt(S1) S2 sqrt(S1)), and the latter matrix is symmetric PSD.
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    m = (m + m.T) / 2
+    tr_covmean = jnp.sum(jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh(m), 0.0)))
+    diff = mu1 - mu2
+    fd = diff @ diff + jnp.trace(s1) + jnp.trace(s2) - 2.0 * tr_covmean
+    return jnp.maximum(fd, 0.0)
+
+
+def frechet_distance(x: ArrayLike, y: ArrayLike) -> float:
+    """Frechet distance between Gaussian fits of two sets of embeddings.
+
+    ``||mu_x - mu_y||^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x S_y)`` with sample means ``mu`` and
+    unbiased (``ddof=1``) covariances ``S``, as in FID. With Inception embeddings this is FID; with
+    pixel embeddings it is a cheap pixel-space analogue. Units: squared embedding units.
+
+    Precision: always float64, computed in JAX inside a ``jax.enable_x64(True)`` context (scoped
+    to this call and restored on exit, so the global ``jax_enable_x64`` flag is unchanged); inputs
+    of any real dtype are converted to float64 first. ``tr sqrt(S_x S_y)`` is computed as
+    ``sum(sqrt(eigvalsh(sqrt(S_x) S_y sqrt(S_x))))``, with ``sqrt(S_x)`` from a symmetric
+    eigendecomposition and negative round-off eigenvalues clipped at 0. This stays real and well
+    defined for singular covariances (fewer samples than dimensions), where
+    ``scipy.linalg.sqrtm`` may return complex values. The result is clipped at 0.
+    Cost: O((N1 + N2) D^2 + D^3) time, O(D^2) memory.
+
+    Args:
+      x: (N1, D) real array, N1 >= 2, finite.
+      y: (N2, D) real array, N2 >= 2, finite, same D.
+
+    Returns:
+      The distance as a Python float >= 0 (0 for identical sets, up to round-off); symmetric in
+      ``x`` and ``y`` up to round-off.
+
+    Raises:
+      ValueError: not 2-D, fewer than 2 samples, mismatched D, NaN or Inf values.
+      TypeError: a non-numeric dtype.
+
+    Example:
+      >>> import numpy as np
+      >>> x = np.random.default_rng(0).normal(size=(100, 3))
+      >>> round(frechet_distance(x, x + 2.0), 6)  # only the mean moved: ||(2, 2, 2)||^2
+      12.0
+    """
+    x = _check_embeddings("x", x)
+    y = _check_embeddings("y", y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            "x and y must have the same embedding dimension, got "
+            f"x.shape={x.shape} and y.shape={y.shape}. Embed both with the same function."
+        )
+    with jax.enable_x64(True):
+        fd = _frechet(jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64))
+        return float(fd)
+
+
+def _check_labels(name: str, labels: Any, num: int, images_name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(
+            f"{name} must be integer class ids, got dtype {labels.dtype}. Convert with "
+            f"{name}.astype(np.int32) if the values are whole numbers."
+        )
+    if labels.ndim != 1 or labels.shape[0] != num:
+        raise ValueError(
+            f"{name} must have shape ({num},), one label per image of {images_name}, "
+            f"got shape {labels.shape}."
+        )
+    return labels
+
+
+def downstream_accuracy(
+    train_images: ArrayLike,
+    train_labels: ArrayLike,
+    test_images: ArrayLike,
+    test_labels: ArrayLike,
+    *,
+    size: tuple[int, int] = (8, 8),
+    value_scale: float = 16.0,
+    max_iter: int = 1000,
+) -> float:
+    """Accuracy on real test data of a classifier trained on (synthetic) training data.
+
+    Both image sets are resized to ``size`` with :func:`pejax.embeddings.resize_embedding` (exact
+    area averaging when the sides divide, else antialiased linear resizing), flattened and
+    multiplied by ``value_scale`` (16 maps [0, 1] to the [0, 16] range of scikit-learn's digits).
+    A scikit-learn ``LogisticRegression(max_iter=max_iter)`` (lbfgs solver, deterministic) is fit
+    on the training set and scored on the test set.
+
+    Single-class training set: logistic regression cannot be fit, so the classifier predicts that
+    one class for every test image: the function returns the fraction of test labels equal to it
+    and issues a ``UserWarning``. A synthetic set that collapsed to one class then scores like a
+    constant guess instead of crashing an evaluation.
+
+    Args:
+      train_images: (N1, H1, W1, C) floating images in [0, 1] (usually synthetic).
+      train_labels: (N1,) integer class ids.
+      test_images: (N2, H2, W2, C) floating images in [0, 1] (usually real, held out), same C.
+      test_labels: (N2,) integer class ids.
+      size: ``(height, width)`` the images are resized to before classification.
+      value_scale: factor applied to pixel values in [0, 1]; must be > 0.
+      max_iter: iteration limit of the lbfgs solver.
+
+    Returns:
+      Test accuracy in [0, 1] as a Python float.
+
+    Raises:
+      ValueError: bad images, label counts that do not match the images, a channel mismatch, a
+        bad size or value_scale.
+      TypeError: non-integer labels, non-floating images.
+      ImportError: scikit-learn is not installed (``pip install 'pejax[demo]'``).
+
+    Example:
+      >>> import numpy as np
+      >>> rng = np.random.default_rng(0)
+      >>> labels = np.arange(40) % 2
+      >>> images = rng.uniform(0.0, 0.2, (40, 8, 8, 1)).astype(np.float32)
+      >>> images[labels == 1, :4] += 0.7  # class 1: bright top half
+      >>> downstream_accuracy(images[:20], labels[:20], images[20:], labels[20:])
+      1.0
+    """
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "downstream_accuracy needs scikit-learn; install it with pip install 'pejax[demo]'."
+        ) from e
+
+    value_scale = _validate.finite_float("value_scale", value_scale, minimum=0.0, strict=True)
+    max_iter = _validate.positive_int("max_iter", max_iter)
+    train_images = _embeddings.check_images("train_images", train_images)
+    test_images = _embeddings.check_images("test_images", test_images)
+    if train_images.shape[-1] != test_images.shape[-1]:
+        raise ValueError(
+            "train_images and test_images must have the same number of channels, got shapes "
+            f"{tuple(train_images.shape)} and {tuple(test_images.shape)}. Convert one side, "
+            "e.g. to grey with resize_embedding's channels=1 rule (luma weights)."
+        )
+    n_train, n_test = train_images.shape[0], test_images.shape[0]
+    train_labels = _check_labels("train_labels", train_labels, n_train, "train_images")
+    test_labels = _check_labels("test_labels", test_labels, n_test, "test_images")
+
+    x_train = _embeddings.resize_embedding(train_images, size=size)
+    x_test = _embeddings.resize_embedding(test_images, size=size)
+    x_train = np.asarray(x_train, np.float64) * value_scale
+    x_test = np.asarray(x_test, np.float64) * value_scale
+
+    classes = np.unique(train_labels)
+    if classes.size == 1:
+        warnings.warn(
+            f"train_labels has a single class ({int(classes[0])}); no classifier can be "
+            "trained, so the accuracy of always predicting that class is returned.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return float(np.mean(test_labels == classes[0]))
+
+    clf = LogisticRegression(max_iter=max_iter)
+    clf.fit(x_train, train_labels)
+    return float(clf.score(x_test, test_labels))
+
+
+__all__ = ["downstream_accuracy", "frechet_distance"]
