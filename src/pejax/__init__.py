@@ -8,6 +8,9 @@ from pejax import accounting
 from pejax.accounting import BudgetExceededError
 from pejax.accounting import PrivacyLedger
 from pejax.accounting import Release
+from pejax.config import PEConfig
+from pejax.config import PrivacyConfig
+from pejax.config import SpeedConfig
 from pejax.mechanism import AllZeroHistogramWarning
 from pejax.mechanism import PejaxWarning
 from pejax.mechanism import Selection
@@ -17,6 +20,9 @@ from pejax.mechanism import select_parents
 from pejax.mechanism import threshold
 from pejax.neighbors import Neighbors
 from pejax.neighbors import nearest_neighbors
+from pejax.runner import IterationInfo
+from pejax.runner import PrivateEvolution
+from pejax.runner import RunResult
 from pejax.votes import HISTOGRAM_SENSITIVITY
 from pejax.votes import histogram_sensitivity
 from pejax.votes import vote_histogram
@@ -27,11 +33,17 @@ __all__ = [
     "HISTOGRAM_SENSITIVITY",
     "AllZeroHistogramWarning",
     "BudgetExceededError",
+    "IterationInfo",
     "Neighbors",
+    "PEConfig",
     "PejaxWarning",
+    "PrivacyConfig",
     "PrivacyLedger",
+    "PrivateEvolution",
     "Release",
+    "RunResult",
     "Selection",
+    "SpeedConfig",
     "accounting",
     "add_gaussian_noise",
     "histogram_sensitivity",

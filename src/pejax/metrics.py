@@ -213,9 +213,13 @@ def downstream_accuracy(
         )
         return float(np.mean(test_labels == classes[0]))
 
-    clf = LogisticRegression(max_iter=max_iter)
-    clf.fit(x_train, train_labels)
-    return float(clf.score(x_test, test_labels))
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    # One BLAS thread: with JAX's own threads busy, a multi-threaded BLAS was seen running ~100x slower here.
+    with threadpool_limits(1):
+        clf = LogisticRegression(max_iter=max_iter)
+        clf.fit(x_train, train_labels)
+        return float(clf.score(x_test, test_labels))
 
 
 __all__ = ["downstream_accuracy", "frechet_distance"]

@@ -51,6 +51,10 @@ from pejax.votes import NEIGHBORING_RELATION_GROUP
 from pejax.votes import NEIGHBORING_RELATION_SAMPLE
 from pejax.votes import vote_histogram
 
+TEXT_SUPPORTED = True
+"""Text generators (``modality = "text"``, samples = (N, L) uint8 UTF-8 bytes) are supported: the
+embedding then receives the byte array instead of images."""
+
 # fold_in streams of the root key.
 _STREAM_COUNTS = 1_000_003
 _STREAM_FINAL = 1_000_033
@@ -66,7 +70,8 @@ class IterationInfo:
 
     Attributes:
       iteration: t (0 for the initial random population).
-      images: (N, H, W, C) float32 images of the current population (after iteration T: the released set).
+      images: (N, H, W, C) float32 images of the current population (after iteration T: the released set);
+        for text generators the (N, L) uint8 UTF-8 bytes of the texts.
       labels: (N,) int32 labels.
       epsilon: epsilon spent so far under each accountant.
       timings: seconds spent in each phase of this iteration.
@@ -88,7 +93,7 @@ class RunResult(NamedTuple):
 
     Attributes:
       samples: the released synthetic samples (generator pytree, classes in label order).
-      images: (N, H, W, C) float32 images of them in [0, 1].
+      images: (N, H, W, C) float32 images of them in [0, 1] (text generators: (N, L) uint8 UTF-8 bytes).
       labels: (N,) int32 labels.
       ledger: every noisy release made.
       noise_multiplier: of each vote-histogram release.
@@ -280,9 +285,11 @@ class PrivateEvolution:
             sigma_counts = None if sigma_counts is None else sigma_counts * (1 + 1e-5)
         return sigma, sigma_counts
 
-    def _planned(self, sigma, sigma_counts, relation, start: int) -> list[Release]:
+    def _planned(
+        self, sigma, sigma_counts, relation, start: int, counts_done: bool = False
+    ) -> list[Release]:
         planned = []
-        if sigma_counts is not None and start == 0:
+        if sigma_counts is not None and not counts_done:
             planned.append(
                 Release(
                     iteration=0,
@@ -321,11 +328,11 @@ class PrivateEvolution:
     def _embed_candidates(self, key, samples, label, degree) -> jax.Array:
         L = self.pe.lookahead_degree
         if L == 0:
-            return self._embed(self.generator.images(samples), f"candidates of class {label}")
+            return self._embed(self.generator.render(samples), f"candidates of class {label}")
         total = None
         for j in range(L):
             var = self.generator.variation(jax.random.fold_in(key, j), samples, label, degree)
-            emb = self._embed(self.generator.images(var), f"lookahead candidates of class {label}")
+            emb = self._embed(self.generator.render(var), f"lookahead candidates of class {label}")
             total = emb if total is None else total + emb
         return total / L
 
@@ -437,7 +444,13 @@ class PrivateEvolution:
             ledger = PrivacyLedger(delta=delta)
         if priv.epsilon is not None:
             ledger.check_budget(
-                self._planned(sigma, sigma_counts, relation, start),
+                self._planned(
+                    sigma,
+                    sigma_counts,
+                    relation,
+                    start,
+                    counts_done=any(r.description == "class counts" for r in ledger.releases),
+                ),
                 epsilon=priv.epsilon,
                 accountant=priv.accountant,
             )
@@ -467,7 +480,7 @@ class PrivateEvolution:
             record["metrics"] = self._notify(
                 IterationInfo(
                     0,
-                    self.generator.images(samples),
+                    self.generator.render(samples),
                     label_arr,
                     record["epsilon"],
                     timings,
@@ -505,7 +518,7 @@ class PrivateEvolution:
             record["metrics"] = self._notify(
                 IterationInfo(
                     t,
-                    self.generator.images(out_samples),
+                    self.generator.render(out_samples),
                     out_labels,
                     record["epsilon"],
                     record["timings"],
@@ -533,7 +546,7 @@ class PrivateEvolution:
             final_samples, final_labels = samples, label_arr
         return RunResult(
             samples=final_samples,
-            images=self.generator.images(final_samples),
+            images=self.generator.render(final_samples),
             labels=final_labels,
             ledger=ledger,
             noise_multiplier=sigma,

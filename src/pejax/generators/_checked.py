@@ -32,7 +32,8 @@ class CheckedGenerator:
     for; ``to_images`` gives a float array (N, H, W, C) with C in {1, 3}, finite, in [0, 1] (values within 1e-3
     of the range are clipped), with the same (H, W, C) on every call. Exceptions raised by the generator are
     retried ``retries`` times with exponential backoff (same key, so a deterministic generator gives the same
-    result); malformed output is not retried.
+    result); ``ValueError``/``TypeError`` (the generator refusing its arguments) and malformed output are not
+    retried.
     """
 
     def __init__(self, generator, *, retries: int = 2, backoff_s: float = 0.5):
@@ -48,12 +49,22 @@ class CheckedGenerator:
         self.retries = retries
         self.backoff_s = backoff_s
         self.image_shape: tuple[int, int, int] | None = None
+        self.modality = str(getattr(generator, "modality", "image"))
+        if self.modality not in ("image", "text"):
+            raise ValueError(
+                f"generator {self.name!r} has modality {self.modality!r}; pejax knows 'image' and 'text'."
+            )
 
     def _call(self, what: str, fn, *args):
         wait = self.backoff_s
         for attempt in range(self.retries + 1):
             try:
                 return fn(*args)
+            except (ValueError, TypeError) as e:
+                # The generator refused its arguments: retrying the same call cannot help.
+                raise GeneratorError(
+                    f"generator {self.name!r} rejected {what}: {type(e).__name__}: {e}"
+                ) from e
             except Exception as e:  # generators are untrusted; we report and re-raise
                 if attempt == self.retries:
                     raise GeneratorError(
@@ -115,6 +126,19 @@ class CheckedGenerator:
                 "documented range [0, 1]."
             )
         return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+
+    def render(self, samples, what: str = "to_images") -> jax.Array:
+        """What the embedding sees: checked images, or for text generators the (N, L) uint8 UTF-8 bytes."""
+        if self.modality == "image":
+            return self.images(samples, what)
+        arr = samples
+        shape = tuple(np.shape(arr))
+        if len(shape) != 2 or np.asarray(arr).dtype != np.uint8:
+            raise GeneratorError(
+                f"text generator {self.name!r} must make samples as a uint8 array (N, L) of UTF-8 bytes "
+                f"(see pejax.generators.text_codec), got {getattr(arr, 'dtype', type(arr))} {shape}."
+            )
+        return jnp.asarray(arr)
 
     def random(self, key, label: int, num_samples: int):
         what = f"random(label={label}, num_samples={num_samples})"

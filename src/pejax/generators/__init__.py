@@ -1,0 +1,37 @@
+"""Generators behind the random/variation protocol.
+
+Adapters with heavy dependencies (Pillow fonts, Flax, torch, diffusers, transformers) are imported lazily, so
+``import pejax.generators`` stays light: ``pejax.generators.GlyphSimulator`` loads the glyph module on first use.
+"""
+
+from pejax.generators._checked import CheckedGenerator
+from pejax.generators._checked import GeneratorError
+from pejax.generators._checked import GeneratorRetryWarning
+from pejax.generators._protocol import Generator
+
+_LAZY = {
+    "GlyphSimulator": "pejax.generators.glyphs",
+    "GlyphParams": "pejax.generators.glyphs",
+    "GlyphPrior": "pejax.generators.glyphs",
+    "default_fonts": "pejax.generators.glyphs",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pejax.generators' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckedGenerator",
+    "Generator",
+    "GeneratorError",
+    "GeneratorRetryWarning",
+    "GlyphParams",
+    "GlyphPrior",
+    "GlyphSimulator",
+    "default_fonts",
+]
