@@ -30,8 +30,12 @@ METRICS = ("l2", "cosine", "ip")
 
 # Elements (queries x keys) of one score block: 2**25 float32 = 128 MiB.
 _MAX_BLOCK_ELEMENTS = 1 << 25
-_MAX_QUERY_BLOCK = 2048
+# Measured on a 2-core AVX-512 CPU (experiments/bench_votes.py): 512-row query blocks keep the score block
+# nearer the caches than 2048-row ones, which makes the reductions after the matmul cheaper for d <= 512
+# and costs nothing for d = 2048.
+_MAX_QUERY_BLOCK = 512
 _ROW_MULTIPLE = 8
+_INT32_MAX = 2**31 - 1
 
 
 class Neighbors(NamedTuple):
@@ -80,11 +84,33 @@ def _prepare(x: jax.Array, metric: str) -> jax.Array:
     return x
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("k", "metric", "query_block", "key_block", "num_query_blocks", "precision"),
-)
-def _knn(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, precision):
+def _min_with_index(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row minimum and the lowest column index attaining it (k = 1), as two plain reductions.
+
+    ``jnp.argmin`` lowers to a variadic (value, index) reduction that XLA:CPU does not vectorise, and
+    ``lax.top_k`` sorts; a min followed by a min over the matching column indices is several times faster and
+    breaks ties to the lowest index exactly like ``top_k``. Scores are finite or +inf (padded keys).
+    """
+    best = jnp.min(scores, axis=1, keepdims=True)
+    cols = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    idx = jnp.min(jnp.where(scores <= best, cols, _INT32_MAX), axis=1, keepdims=True)
+    return best, idx
+
+
+def _smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest scores of each row in ascending order and their column indices (ties: lowest index)."""
+    if k == 1:
+        return _min_with_index(scores)
+    neg, idx = lax.top_k(-scores, k)
+    return -neg, idx
+
+
+def _knn_scores(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, precision):
+    """Ranking scores (smaller is nearer) and int32 indices of the k nearest keys, each (n, k).
+
+    For ``"l2"`` the score is ``||x||^2 - 2 q.x`` (the squared distance less ``||q||^2``); for ``"cosine"``
+    and ``"ip"`` it is ``-q.x`` of the (normalised) vectors. Traceable; the callers jit it.
+    """
     n, d = queries.shape
     m = keys.shape[0]
     queries = _prepare(queries, metric)
@@ -99,29 +125,35 @@ def _knn(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, 
         key_sq = jnp.zeros((m_pad,), jnp.float32)
     # Padded keys can never win.
     key_bias = jnp.where(jnp.arange(m_pad) < m, key_sq, jnp.inf)
-    keys_b = keys_p.reshape(num_key_blocks, key_block, d)
-    bias_b = key_bias.reshape(num_key_blocks, key_block)
+    # Fold the factor -2 (or -1) into the keys once: scaling by a power of two is exact, and it saves a
+    # multiply per score.
     scale = -2.0 if metric == "l2" else -1.0
+    keys_b = (keys_p * jnp.asarray(scale, keys_p.dtype)).reshape(num_key_blocks, key_block, d)
+    bias_b = key_bias.reshape(num_key_blocks, key_block)
 
     def block_scores(q, kb, bb):
         dots = lax.dot_general(
             q, kb, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
-        return bb[None, :] + scale * dots  # (rows, key_block): smaller is nearer
+        return bb[None, :] + dots  # (rows, key_block): smaller is nearer
 
     def one_query_block(q):
         if num_key_blocks == 1:
-            neg, idx = lax.top_k(-block_scores(q, keys_b[0], bias_b[0]), k)
-            return -neg, idx
+            return _smallest(block_scores(q, keys_b[0], bias_b[0]), k)
 
         def step(carry, inputs):
             best_s, best_i = carry
             kb, bb, offset = inputs
             kk = min(k, key_block)
-            neg, idx = lax.top_k(-block_scores(q, kb, bb), kk)
+            blk_s, blk_i = _smallest(block_scores(q, kb, bb), kk)
+            blk_i = blk_i + offset
+            if k == 1:
+                # Strictly better only: on equal scores the earlier (lower-index) block keeps the vote.
+                better = blk_s < best_s
+                return (jnp.where(better, blk_s, best_s), jnp.where(better, blk_i, best_i)), None
             # Running best first: on equal scores top_k keeps the earlier (lower-index) entry.
-            cand_s = jnp.concatenate([best_s, -neg], axis=1)
-            cand_i = jnp.concatenate([best_i, idx + offset], axis=1)
+            cand_s = jnp.concatenate([best_s, blk_s], axis=1)
+            cand_i = jnp.concatenate([best_i, blk_i], axis=1)
             neg2, pos = lax.top_k(-cand_s, k)
             return (-neg2, jnp.take_along_axis(cand_i, pos, axis=1)), None
 
@@ -132,19 +164,42 @@ def _knn(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, 
         return best_s, best_i
 
     n_pad = num_query_blocks * query_block
-    q_p = jnp.pad(queries, ((0, n_pad - n), (0, 0))).reshape(num_query_blocks, query_block, d)
-    scores, idx = lax.map(one_query_block, q_p)
+    q_p = jnp.pad(queries, ((0, n_pad - n), (0, 0)))
+    if num_query_blocks == 1:
+        # One block (small inputs): no loop at all.
+        scores, idx = one_query_block(q_p)
+    else:
+        scores, idx = lax.map(one_query_block, q_p.reshape(num_query_blocks, query_block, d))
     scores = scores.reshape(n_pad, k)[:n]
     idx = idx.reshape(n_pad, k)[:n]
+    return scores, idx.astype(jnp.int32)
 
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "metric", "query_block", "key_block", "num_query_blocks", "precision"),
+)
+def _knn(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, precision):
+    scores, idx = _knn_scores(
+        queries,
+        keys,
+        k=k,
+        metric=metric,
+        query_block=query_block,
+        key_block=key_block,
+        num_query_blocks=num_query_blocks,
+        precision=precision,
+    )
     if metric == "l2":
-        q_sq = jnp.sum(jnp.square(queries.astype(jnp.float32)), axis=-1, keepdims=True)
+        q_sq = jnp.sum(
+            jnp.square(_prepare(queries, metric).astype(jnp.float32)), axis=-1, keepdims=True
+        )
         dist = jnp.maximum(scores + q_sq, 0.0)
     elif metric == "cosine":
         dist = 1.0 + scores
     else:
         dist = scores
-    return Neighbors(dist, idx.astype(jnp.int32))
+    return Neighbors(dist, idx)
 
 
 _PRECISIONS = {
@@ -195,7 +250,7 @@ def nearest_neighbors(
       k: number of neighbours, 1 <= k <= m.
       metric: ``"l2"`` (squared Euclidean), ``"cosine"`` or ``"ip"`` (inner product); see the module docstring.
       block_size: queries per block (default: as many as keep one score block under 2**25 elements, at most
-        2048). The last block is balanced and padded, so all blocks share one static shape.
+        512). The last block is balanced and padded, so all blocks share one static shape.
       key_block_size: keys per block (default: all keys when a block of scores fits 2**25 elements, otherwise
         a multiple of 128 that does). Peak extra memory is about ``block_size * key_block_size`` float32.
       precision: matmul precision, ``"highest"`` (full float32; default), ``"high"`` or ``"default"`` (on GPUs
@@ -219,7 +274,24 @@ def nearest_neighbors(
     queries, keys = check_pair(
         queries, keys, k=k, metric=metric, queries_name="queries", keys_name="keys"
     )
-    n, m = queries.shape[0], keys.shape[0]
+    plan = block_plan(
+        queries.shape[0],
+        keys.shape[0],
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    )
+    return _knn(queries, keys, k=k, metric=metric, **plan)
+
+
+def block_plan(
+    n: int, m: int, *, block_size: int | None, key_block_size: int | None, precision: str
+) -> dict:
+    """Validates the speed settings and returns the static keyword arguments of the blocked kernel.
+
+    Returns a dict with ``query_block`` (rows per balanced block), ``num_query_blocks``, ``key_block`` and
+    ``precision`` (a ``lax.Precision``). The score block holds ``query_block * key_block`` float32.
+    """
     if block_size is not None:
         _validate.positive_int("block_size", block_size)
     if key_block_size is not None:
@@ -229,16 +301,12 @@ def nearest_neighbors(
     if key_block_size is not None:
         kb = min(key_block_size, m)
     num_blocks, rows = balanced_block(n, qb)
-    return _knn(
-        queries,
-        keys,
-        k=k,
-        metric=metric,
-        query_block=rows,
-        key_block=kb,
-        num_query_blocks=num_blocks,
-        precision=_PRECISIONS[precision],
-    )
+    return {
+        "query_block": rows,
+        "key_block": kb,
+        "num_query_blocks": num_blocks,
+        "precision": _PRECISIONS[precision],
+    }
 
 
 def padded_work_fraction(n: int, block_size: int) -> float:

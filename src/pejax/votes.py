@@ -147,19 +147,38 @@ def vote_histogram(
         private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
     )
     groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
-    result = _nn.nearest_neighbors(
-        private,
-        synthetic,
-        k=k,
-        metric=metric,
+    plan = _nn.block_plan(
+        private.shape[0],
+        synthetic.shape[0],
         block_size=block_size,
         key_block_size=key_block_size,
         precision=precision,
     )
+    # One compiled program (search and histogram together), one dispatch: this matters for small inputs.
+    return _vote_histogram(private, synthetic, groups, k=k, metric=metric, **plan)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "metric", "query_block", "key_block", "num_query_blocks", "precision"),
+)
+def _vote_histogram(
+    private, synthetic, groups, *, k, metric, query_block, key_block, num_query_blocks, precision
+):
+    _, indices = _nn._knn_scores(
+        private,
+        synthetic,
+        k=k,
+        metric=metric,
+        query_block=query_block,
+        key_block=key_block,
+        num_query_blocks=num_query_blocks,
+        precision=precision,
+    )
     m = synthetic.shape[0]
     if groups is None:
-        return votes_from_indices(result.indices, num_bins=m, k=k)
-    return group_votes_from_indices(result.indices, groups, num_bins=m, k=k)
+        return votes_from_indices(indices, num_bins=m, k=k)
+    return group_votes_from_indices(indices, groups, num_bins=m, k=k)
 
 
 __all__ = [
