@@ -1,4 +1,4 @@
-"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax account``."""
+"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax account``, ``pejax audit``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--iterations", type=int, required=True)
     acc.add_argument("--accountant", default="pld", choices=accounting.ACCOUNTANTS)
     acc.set_defaults(fn=_account)
+
+    from pejax._audit_cli import add_audit_arguments
+    from pejax._audit_cli import audit_main
+
+    audit = sub.add_parser(
+        "audit", help="empirical epsilon lower bound with canaries (jax-privacy's auditor)"
+    )
+    add_audit_arguments(audit)
+    audit.set_defaults(fn=audit_main)
     return parser
 
 
