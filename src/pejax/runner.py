@@ -150,25 +150,38 @@ def allocate(total: int, proportions: Sequence[float], minimum: int) -> tuple[in
     return tuple(int(b) + minimum for b in base)
 
 
-def check_private_data(images, labels, num_classes: int, group_ids=None):
-    """Validates private images (n, H, W, C) float in [0, 1] and labels (n,) in [0, num_classes)."""
+def check_private_data(images, labels, num_classes: int, group_ids=None, modality: str = "image"):
+    """Validates private data and labels (n,) in [0, num_classes).
+
+    Images: (n, H, W, C) float in [0, 1]. Text (``modality="text"``): (n, L) uint8 UTF-8 bytes, zero-padded
+    (see :mod:`pejax.generators.text_codec`).
+    """
     images = np.asarray(images)
     labels = np.asarray(labels)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    if modality == "text":
+        if images.ndim != 2 or images.dtype != np.uint8 or images.shape[1] == 0:
+            raise ValueError(
+                f"private texts must be a uint8 array (n, L) of UTF-8 bytes, got {images.dtype} "
+                f"{images.shape}. Encode them with pejax.generators.text_codec.encode_texts(texts, max_bytes)."
+            )
+    elif images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
             f"private images must have shape (n, H, W, C) with C 1 or 3, got {images.shape}. "
             "Add a channel axis for grey images: images[..., None]."
         )
-    if not np.issubdtype(images.dtype, np.floating):
-        raise TypeError(
-            f"private images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255."
-        )
-    if not np.isfinite(images).all():
-        raise ValueError("private images contain NaN or Inf; repair or drop those images first.")
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError(
-            f"private images must lie in [0, 1], got values in [{images.min():g}, {images.max():g}]."
-        )
+    if modality == "image":
+        if not np.issubdtype(images.dtype, np.floating):
+            raise TypeError(
+                f"private images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255."
+            )
+        if not np.isfinite(images).all():
+            raise ValueError(
+                "private images contain NaN or Inf; repair or drop those images first."
+            )
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError(
+                f"private images must lie in [0, 1], got values in [{images.min():g}, {images.max():g}]."
+            )
     if labels.shape != (images.shape[0],):
         raise ValueError(
             f"private labels must have shape ({images.shape[0]},) (one per image), got {labels.shape}."
@@ -194,7 +207,9 @@ def check_private_data(images, labels, num_classes: int, group_ids=None):
                 f"group_ids must be integers of shape {labels.shape} (one user id per private sample), got "
                 f"{group_ids.dtype} {group_ids.shape}."
             )
-    return images.astype(np.float32), labels.astype(np.int32), group_ids
+    if modality == "image":
+        images = images.astype(np.float32)
+    return images, labels.astype(np.int32), group_ids
 
 
 class PrivateEvolution:
@@ -383,7 +398,8 @@ class PrivateEvolution:
 
         Args:
           key: ``jax.random`` key; the whole run is a function of it.
-          private_images: (n, H, W, C) float in [0, 1]. Only embedded, in memory.
+          private_images: (n, H, W, C) float in [0, 1] (text generators: (n, L) uint8 UTF-8 bytes). Only
+            embedded, in memory.
           private_labels: (n,) int in [0, num_classes).
           group_ids: (n,) int user ids (required when ``privacy.user_level``).
           resume: continue from the newest valid checkpoint in ``checkpoint_dir``; when there is none, start.
@@ -413,7 +429,11 @@ class PrivateEvolution:
                 "group_ids were given but privacy.user_level is False; set it to True for user-level DP."
             )
         images, labels, group_ids = check_private_data(
-            private_images, private_labels, pe.num_classes, group_ids
+            private_images,
+            private_labels,
+            pe.num_classes,
+            group_ids,
+            modality=self.generator.modality,
         )
         n = images.shape[0]
         delta = priv.delta if priv.delta is not None else 1.0 / (n * math.log(n))
