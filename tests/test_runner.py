@@ -304,3 +304,8 @@ def test_allocate():
     assert sum(allocate(1000, [0.1] * 10, 4)) == 1000
     with pytest.raises(ValueError, match="cannot give"):
         allocate(5, [0.5, 0.5], 4)
+
+
+def test_weak_delta_warns():
+    with pytest.warns(pejax.runner.WeakDeltaWarning, match=r"is >= 1/n"):
+        run(privacy=PrivacyConfig(epsilon=2.0, delta=0.05))

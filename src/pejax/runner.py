@@ -25,6 +25,7 @@ import json
 import math
 import pathlib
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
 from pejax.config import to_dict
 from pejax.generators._checked import CheckedGenerator
+from pejax.mechanism import PejaxWarning
 from pejax.mechanism import add_gaussian_noise
 from pejax.mechanism import select_parents
 from pejax.mechanism import threshold
@@ -58,6 +60,10 @@ embedding then receives the byte array instead of images."""
 # fold_in streams of the root key.
 _STREAM_COUNTS = 1_000_003
 _STREAM_FINAL = 1_000_033
+
+
+class WeakDeltaWarning(PejaxWarning):
+    """delta >= 1/n: a mechanism could then publish a private sample outright and still meet (epsilon, delta)."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -437,7 +443,15 @@ class PrivateEvolution:
         )
         n = images.shape[0]
         delta = priv.delta if priv.delta is not None else 1.0 / (n * math.log(n))
-        _validate.delta(delta)
+        _validate.delta(delta, "privacy.delta")
+        if delta >= 1.0 / n:
+            warnings.warn(
+                f"privacy.delta={delta:g} is >= 1/n = {1.0 / n:g} for n={n} private samples: such a delta "
+                "allows releasing a private sample outright. Use delta well below 1/n, e.g. 1/(n ln n) "
+                "(the default when privacy.delta is not set).",
+                WeakDeltaWarning,
+                stacklevel=2,
+            )
         relation = NEIGHBORING_RELATION_GROUP if priv.user_level else NEIGHBORING_RELATION_SAMPLE
         sigma, sigma_counts = self.plan_noise(delta)
         fingerprint = self._fingerprint(key)
