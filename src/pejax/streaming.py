@@ -1,0 +1,417 @@
+"""Private embeddings larger than memory: embedded once to a ``.npy`` file, voted in chunks.
+
+:func:`embed_to_memmap` runs an embedding function over the private data in batches and writes the embeddings
+to a float32 ``.npy`` file (readable with ``np.load(path, mmap_mode="r")``), one batch at a time, so memory
+holds one batch of inputs and embeddings. The file holds embeddings of *private* data: it is as sensitive as the
+data itself, pejax never deletes it, and it is created readable by its owner only (mode 0600). A
+:class:`PrivateDataOnDiskWarning` says so every time such a file is written.
+
+:func:`streamed_vote_histogram` reads private embeddings ``chunk_rows`` rows at a time (from a ``.npy`` path or
+memory-mapped file with plain reads, so the file's pages sit in the page cache, not in the process), votes each
+chunk with the same jitted kernel (every chunk is padded to one static shape, so it compiles once), and adds the
+integer vote counts. Memory is O(chunk_rows x d + m x d + m) plus the kernel's score block, whatever the number
+of private rows; at user level (``group_ids``) it also keeps the (n, k) int32 neighbour indices (``4 n k``
+bytes) because a user's rows may fall in different chunks. The result equals :func:`pejax.vote_histogram` on
+the whole array with the same exactness as :mod:`pejax.sharding` (same votes up to float32 near-ties; bit-for-bit
+at ``k = 1`` and at user level, correctly rounded ``count / sqrt(k)`` otherwise).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import warnings
+from collections.abc import Callable
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pejax import _validate
+from pejax import neighbors as _nn
+from pejax import votes as _votes
+from pejax.mechanism import PejaxWarning
+from pejax.sharding import _INT32_MAX
+from pejax.sharding import _common_dtype
+from pejax.sharding import _first_nonfinite_row
+from pejax.sharding import _host_matrix
+from pejax.sharding import _local_knn
+from pejax.sharding import _nonfinite_message
+from pejax.sharding import _scale_counts
+
+
+class PrivateDataOnDiskWarning(PejaxWarning):
+    """A file holding embeddings of private data was written; its owner must protect and delete it."""
+
+
+def _warn_private_file(path: pathlib.Path) -> None:
+    warnings.warn(
+        f"{str(path)!r} holds embeddings of PRIVATE data: treat it like the private data itself (it is created "
+        "readable by its owner only; do not copy, share or check it in). pejax never deletes it: delete it "
+        "yourself when the run is done.",
+        PrivateDataOnDiskWarning,
+        stacklevel=3,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _batches(data, batch_size: int | None, num_rows: int | None):
+    """(num_rows, iterator of input batches) for an array-like or an iterable of batches."""
+    if hasattr(data, "shape") and hasattr(data, "__getitem__"):
+        if batch_size is None:
+            raise ValueError(
+                "batch_size is required when data is an array: pass e.g. batch_size=1024 (inputs embedded "
+                "at a time)."
+            )
+        _validate.positive_int("batch_size", batch_size)
+        total = int(data.shape[0])
+        if num_rows is not None and num_rows != total:
+            raise ValueError(
+                f"num_rows={num_rows} but data has {total} rows. Leave num_rows None for array input."
+            )
+        return total, (data[i : i + batch_size] for i in range(0, total, batch_size))
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be an array of inputs or an iterable of input batches, got {type(data).__name__}."
+        )
+    if num_rows is None:
+        raise ValueError(
+            "num_rows is required when data is an iterable of batches (the file is allocated up front): "
+            "pass the total number of inputs the batches hold."
+        )
+    if batch_size is not None:
+        raise ValueError(
+            "batch_size only applies to array input; an iterable of batches sets its own batch size. "
+            "Leave batch_size None."
+        )
+    return num_rows, iter(data)
+
+
+def embed_to_memmap(
+    data,
+    embedding_fn: Callable,
+    path: str | os.PathLike,
+    *,
+    dim: int,
+    batch_size: int | None = None,
+    num_rows: int | None = None,
+    overwrite: bool = False,
+) -> np.memmap:
+    """Embeds private inputs batch by batch into a float32 ``.npy`` file and returns it memory-mapped.
+
+    The file is written under ``path + ".partial"`` and renamed when complete, so ``path`` never holds a
+    half-written file; on any error the partial file is removed. Emits :class:`PrivateDataOnDiskWarning`.
+
+    Args:
+      data: the private inputs, either an array-like with ``shape`` and row slicing (NumPy, memory-mapped,
+        JAX), embedded ``batch_size`` rows at a time, or an iterable of input batches (then ``num_rows`` is
+        required).
+      embedding_fn: maps one batch of b inputs to a (b, dim) floating array (NumPy or JAX).
+      path: the ``.npy`` file to create. It must not exist unless ``overwrite``.
+      dim: embedding dimension d >= 1.
+      batch_size: inputs per batch, for array ``data`` only.
+      num_rows: total number of inputs, for iterable ``data`` only.
+      overwrite: replace an existing file at ``path``.
+
+    Returns:
+      The embeddings, (num_rows, dim) float32, as a read-only ``np.memmap`` of ``path``.
+
+    Raises:
+      ValueError: missing or inconsistent ``batch_size``/``num_rows``, embeddings of the wrong shape, batches
+        that hold more or fewer rows than ``num_rows``, non-finite embeddings (naming the first bad row).
+      TypeError: non-floating embeddings or an unusable ``data``.
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+
+    Example:
+      >>> import os, tempfile, warnings, numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "private.npy")
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore", PrivateDataOnDiskWarning)
+      ...     emb = embed_to_memmap(np.ones((5, 3)), lambda x: x[:, :2] * 2, path, dim=2, batch_size=2)
+      >>> emb.shape, emb.dtype, float(emb.sum())
+      ((5, 2), dtype('float32'), 20.0)
+      >>> os.remove(path)  # the caller owns the file
+    """
+    dim = _validate.positive_int("dim", dim)
+    if num_rows is not None:
+        _validate.positive_int("num_rows", num_rows, minimum=0)
+    if not callable(embedding_fn):
+        raise TypeError(f"embedding_fn must be callable, got {type(embedding_fn).__name__}.")
+    total, batches = _batches(data, batch_size, num_rows)
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(path)!r} already exists. Pass overwrite=True to replace it, or choose another path."
+        )
+    partial = path.with_name(path.name + ".partial")
+    _warn_private_file(path)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (total, dim)}
+            np.lib.format.write_array_header_2_0(f, header)
+            written = 0
+            for batch in batches:
+                emb = np.asarray(embedding_fn(batch))
+                rows = _check_embedding_batch(emb, batch, dim, written)
+                if written + rows > total:
+                    raise ValueError(
+                        f"the batches hold more than num_rows={total} inputs (at least {written + rows}). "
+                        "Pass the exact total as num_rows."
+                    )
+                f.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+                written += rows
+            if written != total:
+                raise ValueError(
+                    f"the batches held {written} inputs but num_rows={total}. Pass the exact total as num_rows."
+                )
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return np.load(path, mmap_mode="r")
+
+
+def _check_embedding_batch(emb: np.ndarray, batch, dim: int, offset: int) -> int:
+    expected = len(batch) if hasattr(batch, "__len__") else emb.shape[0]
+    if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] != expected:
+        raise ValueError(
+            f"embedding_fn must map a batch of {expected} inputs to shape ({expected}, {dim}), got shape "
+            f"{emb.shape} for the batch starting at row {offset}."
+        )
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise TypeError(f"embedding_fn must return floating embeddings, got dtype {emb.dtype}.")
+    bad = _first_nonfinite_row(emb)
+    if bad is not None:
+        raise ValueError(
+            f"embedding_fn returned NaN or Inf for row {offset + bad}. Check that input; nothing non-finite "
+            "may be written (the partial file was removed)."
+        )
+    return int(emb.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading.
+
+
+class _Rows:
+    """Row-chunk reader: plain file reads for ``.npy`` files, slicing for anything else."""
+
+    def __init__(self, private):
+        self.file = None
+        if isinstance(private, (str, os.PathLike)):
+            self.file = pathlib.Path(private)
+            shape, dtype, self.offset = _npy_header(self.file)
+        elif isinstance(private, np.memmap) and _is_whole_npy(private):
+            self.file = pathlib.Path(private.filename)
+            shape, dtype, self.offset = _npy_header(self.file)
+        if self.file is not None:
+            self.shape, self.dtype = shape, dtype
+            # Shape and dtype checks on a zero-stride view: nothing is read.
+            _host_matrix("private", np.broadcast_to(np.zeros((), dtype), shape))
+            self.array = None
+        else:
+            self.array = _host_matrix("private", private)
+            self.shape, self.dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.array is not None:
+            return np.asarray(self.array[start:stop])
+        d = self.shape[1]
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * d * self.dtype.itemsize)
+            out = np.fromfile(f, dtype=self.dtype, count=(stop - start) * d)
+        if out.size != (stop - start) * d:
+            raise ValueError(
+                f"{str(self.file)!r} is truncated: rows {start}..{stop} could not be read. Re-create it "
+                "with embed_to_memmap."
+            )
+        return out.reshape(stop - start, d)
+
+
+def _npy_header(path: pathlib.Path):
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = reader(f)
+            offset = f.tell()
+    except ValueError as err:
+        raise ValueError(
+            f"{str(path)!r} is not a .npy file ({err}). Write it with embed_to_memmap."
+        ) from None
+    if fortran and len(shape) == 2 and shape[1] > 1:
+        raise ValueError(
+            f"{str(path)!r} is stored in Fortran (column-major) order, so rows cannot be read in chunks. "
+            "Save it in C order, e.g. with embed_to_memmap."
+        )
+    return tuple(shape), np.dtype(dtype), offset
+
+
+def _is_whole_npy(mm: np.memmap) -> bool:
+    filename = getattr(mm, "filename", None)
+    if not filename or not mm.flags.c_contiguous:
+        return False
+    try:
+        shape, dtype, offset = _npy_header(pathlib.Path(filename))
+    except (OSError, ValueError):
+        return False
+    return shape == mm.shape and dtype == mm.dtype and offset == mm.offset
+
+
+_STATIC = ("k", "metric", "block_size", "key_block_size", "precision")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _count_chunk(
+    counts, chunk, num_valid, keys, *, k, metric, block_size, key_block_size, precision
+):
+    idx = _local_knn(
+        chunk,
+        keys,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    ).indices
+    valid = (jnp.arange(chunk.shape[0]) < num_valid).astype(jnp.int32)
+    return counts.at[idx.reshape(-1)].add(jnp.repeat(valid, k))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _index_chunk(chunk, keys, *, k, metric, block_size, key_block_size, precision):
+    return _local_knn(
+        chunk,
+        keys,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    ).indices
+
+
+def streamed_vote_histogram(
+    private,
+    synthetic,
+    *,
+    chunk_rows: int = 65536,
+    k: int = 1,
+    metric: str = "l2",
+    group_ids=None,
+    block_size: int | None = None,
+    key_block_size: int | None = None,
+    precision: str = "highest",
+) -> jax.Array:
+    """:func:`pejax.vote_histogram` over private embeddings read ``chunk_rows`` rows at a time.
+
+    Args:
+      private: (n, d) floating private embeddings: a path to a ``.npy`` file (e.g. from
+        :func:`embed_to_memmap`), a memory-mapped array, or any array with row slicing (NumPy, JAX, h5py).
+        ``.npy`` files, given by path or as a ``np.memmap`` of a whole file, are read with plain reads.
+      synthetic: (m, d) floating synthetic embeddings (finite), m >= k; held on the device.
+      chunk_rows: private rows voted per step (the last chunk is padded; padded rows cast no vote). Memory
+        setting only: it changes neither the votes nor the privacy guarantee.
+      k: each private sample votes for its k nearest synthetic samples with weight 1/sqrt(k).
+      metric: ``"l2"``, ``"cosine"`` or ``"ip"``, as in :func:`pejax.nearest_neighbors`.
+      group_ids: optional (n,) integer user ids (user-level privacy); keeps the (n, k) int32 indices in memory.
+      block_size, key_block_size, precision: kernel settings, as in :func:`pejax.vote_histogram`.
+
+    Returns:
+      (m,) float32 histogram with L2 sensitivity :data:`pejax.HISTOGRAM_SENSITIVITY` = 1.
+
+    Raises:
+      ValueError: shapes, empty inputs, unknown metric, k out of range, a truncated file, or NaN/Inf in a chunk
+        (the message names the row, counted from the start of ``private``).
+      TypeError: non-floating embeddings, non-integer ids or sizes.
+
+    Example:
+      >>> import numpy as np
+      >>> private = np.array([[0.0], [0.1], [0.9]], np.float32)
+      >>> synthetic = np.array([[0.0], [1.0]], np.float32)
+      >>> streamed_vote_histogram(private, synthetic, chunk_rows=2).tolist()
+      [2.0, 1.0]
+    """
+    _validate.one_of("metric", metric, _nn.METRICS)
+    _validate.one_of("precision", precision, tuple(_nn._PRECISIONS))
+    k = _validate.positive_int("k", k)
+    chunk_rows = _validate.positive_int("chunk_rows", chunk_rows)
+    if block_size is not None:
+        _validate.positive_int("block_size", block_size)
+    if key_block_size is not None:
+        _validate.positive_int("key_block_size", key_block_size)
+    rows = _Rows(private)
+    synthetic = _validate.matrix("synthetic", synthetic)
+    n, d = rows.shape
+    m = synthetic.shape[0]
+    if n == 0:
+        raise ValueError(f"private must not be empty, got shape {rows.shape}.")
+    if d != synthetic.shape[1]:
+        raise ValueError(
+            f"private and synthetic must have the same embedding dimension, got private.shape={rows.shape} "
+            f"and synthetic.shape={tuple(synthetic.shape)}. Embed both with the same embedding function."
+        )
+    if k > m:
+        raise ValueError(
+            f"k={k} exceeds the number of synthetic ({m}); each private sample needs k distinct "
+            f"neighbours. Use k <= {m} or more synthetic."
+        )
+    if n > _INT32_MAX // k:
+        raise ValueError(
+            f"n * k = {n * k} votes overflow int32 counts. Vote in parts of fewer than {_INT32_MAX // k} "
+            "samples and add the histograms."
+        )
+    groups = None if group_ids is None else _votes.dense_group_ids(group_ids, n)
+    dtype = _common_dtype(rows.dtype, synthetic.dtype)
+    keys = jnp.asarray(synthetic, dtype)
+    chunk_rows = min(chunk_rows, n)
+    kernel = dict(
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    )
+
+    counts = jnp.zeros((m,), jnp.int32)
+    indices = None if groups is None else np.empty((n, k), np.int32)
+    pending = None  # (start, stop, device indices) of the chunk in flight, at user level
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        chunk = rows.read(start, stop)
+        bad = _first_nonfinite_row(chunk)
+        if bad is not None:
+            raise ValueError(_nonfinite_message("private", start + bad))
+        chunk = chunk.astype(dtype, copy=False)
+        if chunk.shape[0] < chunk_rows:
+            chunk = np.pad(chunk, ((0, chunk_rows - chunk.shape[0]), (0, 0)))
+        if groups is None:
+            previous = counts
+            counts = _count_chunk(counts, chunk, jnp.int32(stop - start), keys, **kernel)
+            # At most two chunks in flight: reading the next chunk overlaps this one's votes, and memory
+            # stays bounded however fast the disk is.
+            previous.block_until_ready()
+        else:
+            current = (start, stop, _index_chunk(chunk, keys, **kernel))
+            if pending is not None:
+                a, b, idx = pending
+                indices[a:b] = np.asarray(idx)[: b - a]
+            pending = current
+    if groups is None:
+        return _scale_counts(counts, k)
+    a, b, idx = pending
+    indices[a:b] = np.asarray(idx)[: b - a]
+    return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
+
+
+__all__ = ["PrivateDataOnDiskWarning", "embed_to_memmap", "streamed_vote_histogram"]
