@@ -76,11 +76,19 @@ def main():
     steady = [t for it, t in timings[1:]]
     pil = pillow_renders(args.samples * (1 + args.lookahead))
     print(f"pejax first iteration (includes compilation): {first:.2f} s")
-    print(f"pejax steady-state iteration, median of {len(steady)}: {statistics.median(steady):.3f} s")
-    print(f"  ({args.samples} samples, lookahead {args.lookahead}, per-class votes, noise, selection, variation)")
-    print(f"Pillow, rendering the same {args.samples * (1 + args.lookahead)} images one by one: {pil:.2f} s")
-    print(f"reference implementation's measured iteration (issue #3): 4.9 s -> speed-up "
-          f"{4.9 / statistics.median(steady):.0f}x")
+    print(
+        f"pejax steady-state iteration, median of {len(steady)}: {statistics.median(steady):.3f} s"
+    )
+    print(
+        f"  ({args.samples} samples, lookahead {args.lookahead}, per-class votes, noise, selection, variation)"
+    )
+    print(
+        f"Pillow, rendering the same {args.samples * (1 + args.lookahead)} images one by one: {pil:.2f} s"
+    )
+    print(
+        f"reference implementation's measured iteration (issue #3): 4.9 s -> speed-up "
+        f"{4.9 / statistics.median(steady):.0f}x"
+    )
 
 
 if __name__ == "__main__":

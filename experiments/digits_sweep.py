@@ -8,6 +8,8 @@ a plot to experiments/results/.
 
   python experiments/digits_sweep.py                 # full sweep (about 10 minutes on 2 cores)
   python experiments/digits_sweep.py --epsilons 1 4 --seeds 0
+  python experiments/digits_sweep.py --tag digits_sweep_large --epsilons 4 8 inf \\
+      --pe '{"samples_per_iteration": 2000, "variation_folds": 4, "iterations": 10, "final_samples_per_class": 300}'
 """
 
 from __future__ import annotations
@@ -33,18 +35,30 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epsilons", nargs="+", type=float, default=[0.5, 1, 2, 4, 8, math.inf])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tag", default="digits_sweep")
+    parser.add_argument(
+        "--pe",
+        default="{}",
+        help="JSON overrides of the demo's [pe] section, e.g. '{\"iterations\": 10}'",
+    )
     args = parser.parse_args()
 
+    overrides = json.loads(args.pe)
+    base = copy.deepcopy(DEMO_CONFIG)
+    base["pe"].update(overrides)
     split = load_digits_split()
-    ceiling = downstream_accuracy(split.train_images, split.train_labels, split.test_images, split.test_labels)
+    ceiling = downstream_accuracy(
+        split.train_images, split.train_labels, split.test_images, split.test_labels
+    )
     rows, floors = [], []
     for eps in args.epsilons:
         for seed in args.seeds:
-            config = copy.deepcopy(DEMO_CONFIG)
+            config = copy.deepcopy(base)
             config["run"]["seed"] = seed
             if math.isinf(eps):
                 config["privacy"] = {"epsilon": None, "noise_multiplier": 0.0}
@@ -52,7 +66,9 @@ def main():
                 config["privacy"]["epsilon"] = eps
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                report = run_experiment(config, pathlib.Path(tmp) / "out", progress=False, echo=lambda *_: None)
+                report = run_experiment(
+                    config, pathlib.Path(tmp) / "out", progress=False, echo=lambda *_: None
+                )
                 wall = time.perf_counter() - t0
             its = report["iterations"]
             acc = its[-1]["metrics"]["test_accuracy"]
@@ -85,7 +101,7 @@ def main():
         )
     doc = {
         "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} cores)",
-        "config": DEMO_CONFIG,
+        "config": base,
         "random_api_floor": {"mean": float(np.mean(floors)), "std": float(np.std(floors))},
         "real_data_ceiling": ceiling,
         "summary": summary,
@@ -118,7 +134,10 @@ def main():
     finite = [s for s in summary if math.isfinite(s["epsilon"])]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(
-        [s["epsilon"] for s in finite], [s["mean"] for s in finite], [s["std"] for s in finite], fmt="o-",
+        [s["epsilon"] for s in finite],
+        [s["mean"] for s in finite],
+        [s["std"] for s in finite],
+        fmt="o-",
         label="pejax (glyph simulator)",
     )
     for s in summary:
