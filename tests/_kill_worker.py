@@ -12,22 +12,28 @@ import numpy as np
 from pejax import checkpoint
 from pejax.cli import main
 
-config, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-resume = sys.argv[4:] == ["--resume"]
-count = {"n": 0}
-real_savez = np.savez
+
+def _main():
+    config, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    resume = sys.argv[4:] == ["--resume"]
+    count = {"n": 0}
+    real_savez = np.savez
+
+    def savez_then_die(f, **arrays):
+        count["n"] += 1
+        if count["n"] == kill_at:
+            # Write part of the payload to the temporary file, then die as kill -9 would.
+            real_savez(f, **arrays)
+            f.flush()
+            f.truncate(max(1, f.tell() // 2))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_savez(f, **arrays)
+
+    checkpoint.np.savez = savez_then_die
+    sys.exit(
+        main(["run", config, "--out", out, "--no-progress"] + (["--resume"] if resume else []))
+    )
 
 
-def savez_then_die(f, **arrays):
-    count["n"] += 1
-    if count["n"] == kill_at:
-        # Write part of the payload to the temporary file, then die as kill -9 would.
-        real_savez(f, **arrays)
-        f.flush()
-        f.truncate(max(1, f.tell() // 2))
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_savez(f, **arrays)
-
-
-checkpoint.np.savez = savez_then_die
-sys.exit(main(["run", config, "--out", out, "--no-progress"] + (["--resume"] if resume else [])))
+if __name__ == "__main__":
+    _main()
