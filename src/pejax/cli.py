@@ -107,8 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Keeps compiled XLA programs on disk so later runs skip most compilation (a speed setting only).
+
+    The folder is ``$PEJAX_CACHE_DIR`` or ``~/.cache/pejax/xla``; ``PEJAX_CACHE_DIR=off`` disables it. It holds
+    compiled programs (shapes and code), never data.
+    """
+    import os
+
+    folder = os.environ.get(
+        "PEJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pejax", "xla")
+    )
+    if folder.lower() == "off":
+        return
+    import jax
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except (
+        OSError,
+        AttributeError,
+    ):  # pragma: no cover - read-only home or an old jax: run without it
+        pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "run"):
+        _enable_compilation_cache()
     try:
         return args.fn(args)
     except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
