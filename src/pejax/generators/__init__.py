@@ -14,6 +14,12 @@ _LAZY = {
     "GlyphParams": "pejax.generators.glyphs",
     "GlyphPrior": "pejax.generators.glyphs",
     "default_fonts": "pejax.generators.glyphs",
+    "FlaxDiffusionGenerator": "pejax.generators.diffusion",
+    "UNet": "pejax.generators.unet",
+    "UNetConfig": "pejax.generators.unet",
+    "DiffusersGenerator": "pejax.generators.hf_diffusers",
+    "StableDiffusionGenerator": "pejax.generators.hf_diffusers",
+    "CausalLMTextGenerator": "pejax.generators.text",
 }
 
 
@@ -26,12 +32,18 @@ def __getattr__(name):
 
 
 __all__ = [
+    "CausalLMTextGenerator",
     "CheckedGenerator",
+    "DiffusersGenerator",
+    "FlaxDiffusionGenerator",
     "Generator",
     "GeneratorError",
     "GeneratorRetryWarning",
     "GlyphParams",
     "GlyphPrior",
     "GlyphSimulator",
+    "StableDiffusionGenerator",
+    "UNet",
+    "UNetConfig",
     "default_fonts",
 ]
