@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,6 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 
 _DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_prompts(prompts: Any) -> tuple[str, ...]:
+    """Validates per-class prompts (a sequence, or a mapping with keys 0..C-1); ``prompts[y]`` is class y's."""
+    if isinstance(prompts, Mapping):
+        keys = sorted(prompts)
+        if keys != list(range(len(keys))):
+            raise ValueError(
+                f"prompts given as a mapping must have the keys 0..C-1 (one per class), got {keys!r}."
+            )
+        prompts = [prompts[k] for k in keys]
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise TypeError(
+            "prompts must be a non-empty list of strings, one per class (prompts[y] is the prompt of "
+            f"class y), got {prompts!r}."
+        )
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] must be a non-empty string, got {p!r}.")
+    return tuple(prompts)
 
 
 def require(module: str, extra: str):

@@ -382,25 +382,6 @@ class DiffusersGenerator:
         return jnp.clip(_check_images("samples", samples, self.image_shape), 0.0, 1.0)
 
 
-def _check_prompts(prompts: Any) -> tuple[str, ...]:
-    if isinstance(prompts, Mapping):
-        keys = sorted(prompts)
-        if keys != list(range(len(keys))):
-            raise ValueError(
-                f"prompts given as a mapping must have the keys 0..C-1 (one per class), got {keys!r}."
-            )
-        prompts = [prompts[k] for k in keys]
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise TypeError(
-            "prompts must be a non-empty list of strings, one per class (prompts[y] is the prompt of "
-            f"class y), got {prompts!r}."
-        )
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] must be a non-empty string, got {p!r}.")
-    return tuple(prompts)
-
-
 class StableDiffusionGenerator:
     """Stable Diffusion as a pejax generator: text-to-image RANDOM, image-to-image VARIATION.
 
@@ -445,7 +426,7 @@ class StableDiffusionGenerator:
                 f"got {type(pipeline).__name__}; use DiffusersGenerator for DDPM/DDIM pipelines."
             )
         self._torch = torch
-        self.prompts = _check_prompts(prompts)
+        self.prompts = tb.check_prompts(prompts)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string or None, got {negative_prompt!r}.")
         self.negative_prompt = negative_prompt
@@ -546,7 +527,7 @@ class StableDiffusionGenerator:
             _SD_PIPELINES,
             "For DDPM/DDIM pipelines use DiffusersGenerator.from_pretrained(path).",
         )
-        prompts = _check_prompts(prompts)
+        prompts = tb.check_prompts(prompts)
         pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
             str(p), dtype=tb.check_dtype(torch, dtype)
         )

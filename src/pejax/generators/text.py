@@ -63,25 +63,6 @@ def _imports():
     return torch, transformers
 
 
-def _check_prompts(prompts: Any) -> tuple[str, ...]:
-    if isinstance(prompts, Mapping):
-        keys = sorted(prompts)
-        if keys != list(range(len(keys))):
-            raise ValueError(
-                f"prompts given as a mapping must have the keys 0..C-1 (one per class), got {keys!r}."
-            )
-        prompts = [prompts[k] for k in keys]
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise TypeError(
-            "prompts must be a non-empty list of strings, one per class (prompts[y] starts every text of "
-            f"class y), got {prompts!r}."
-        )
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] must be a non-empty string, got {p!r}.")
-    return tuple(prompts)
-
-
 def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
@@ -170,7 +151,7 @@ class CausalLMTextGenerator:
         """Wraps a loaded model and tokenizer; prefer :meth:`from_pretrained`, which documents the arguments."""
         torch, transformers = _imports()
         self._torch, self._tf = torch, transformers
-        self.prompts = _check_prompts(prompts)
+        self.prompts = tb.check_prompts(prompts)
         self.max_new_tokens = _int("max_new_tokens", max_new_tokens, 1)
         self.max_bytes = _int("max_bytes", max_bytes, 1)
         self.temperature = _float("temperature", temperature, 0.0, 100.0, open_lo=True)
