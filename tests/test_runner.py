@@ -140,7 +140,7 @@ def test_noise_multiplier_zero_is_not_private_but_runs():
 
 def test_user_level_run():
     x, y = private_data()
-    groups = np.arange(len(y)) // 3
+    groups = y * 1000 + np.arange(len(y)) // 3  # users of 1-3 samples, each within one class
     r = make(privacy=PrivacyConfig(epsilon=2.0, user_level=True)).run(
         jax.random.key(0), x, y, group_ids=groups
     )
@@ -309,3 +309,22 @@ def test_allocate():
 def test_weak_delta_warns():
     with pytest.warns(pejax.runner.WeakDeltaWarning, match=r"is >= 1/n"):
         run(privacy=PrivacyConfig(epsilon=2.0, delta=0.05))
+
+
+def test_user_level_requires_one_class_per_user_and_counts_users():
+    x, y = private_data()
+    groups = y * 1000 + np.arange(len(y)) // 3
+    groups[0] = groups[-1]  # user spans class 0 and class 2
+    with pytest.raises(
+        ValueError, match=r"needs each user's samples in a single class.*classes \[0, 2\]"
+    ):
+        make(privacy=PrivacyConfig(epsilon=2.0, user_level=True)).run(
+            jax.random.key(0), x, y, group_ids=groups
+        )
+    # One user holding every sample of class 1: the class count release sees 1 user, not 20 samples.
+    groups = np.arange(len(y))
+    groups[y == 1] = 10_000
+    r = make(privacy=PrivacyConfig(epsilon=None, noise_multiplier=0.0, user_level=True)).run(
+        jax.random.key(0), x, y, group_ids=groups
+    )
+    assert r.history[0]["stats"]["noisy_class_counts"] == [30.0, 1.0, 25.0]

@@ -448,6 +448,19 @@ class PrivateEvolution:
             group_ids,
             modality=self.generator.modality,
         )
+        if group_ids is not None:
+            # Per-class histograms compose in parallel only if a user's samples all lie in one class; a user
+            # spread over c classes would move c histograms (sensitivity sqrt(c)) and c class counts.
+            pairs = np.unique(np.stack([np.asarray(group_ids), labels]), axis=1)
+            users, per_user = np.unique(pairs[0], return_counts=True)
+            if (per_user > 1).any():
+                bad = int(users[per_user > 1][0])
+                classes = pairs[1][pairs[0] == bad].tolist()
+                raise ValueError(
+                    f"user-level privacy needs each user's samples in a single class, but group_ids value {bad} "
+                    f"has samples in classes {classes}. Split such users into one id per class (this "
+                    "weakens the unit of privacy to user-and-class), or run at sample level."
+                )
         n = images.shape[0]
         delta = priv.delta if priv.delta is not None else 1.0 / (n * math.log(n))
         _validate.delta(delta, "privacy.delta")
@@ -504,7 +517,9 @@ class PrivateEvolution:
 
         if samples is None:
             t0 = time.perf_counter()
-            sizes, counts_stats = self._class_sizes(key, labels, sigma_counts, ledger, relation)
+            sizes, counts_stats = self._class_sizes(
+                key, labels, sigma_counts, ledger, relation, group_ids
+            )
             parts = []
             for y in range(pe.num_classes):
                 k_y = jax.random.fold_in(jax.random.fold_in(key, 0), y)
@@ -614,7 +629,7 @@ class PrivateEvolution:
         del final_samples
         return np.repeat(np.arange(self.pe.num_classes), self._last_final_sizes).astype(np.int32)
 
-    def _class_sizes(self, key, labels, sigma_counts, ledger, relation):
+    def _class_sizes(self, key, labels, sigma_counts, ledger, relation, group_ids=None):
         pe, priv = self.pe, self.privacy
         if priv.class_proportions is not None:
             props = np.asarray(priv.class_proportions)
@@ -622,7 +637,13 @@ class PrivateEvolution:
                 "class_proportions": props.tolist(),
                 "class_proportions_source": "public (given)",
             }
-        counts = np.bincount(labels, minlength=pe.num_classes).astype(np.float32)
+        if group_ids is None:
+            counts = np.bincount(labels, minlength=pe.num_classes).astype(np.float32)
+        else:
+            # User level: count distinct users per class (each user lies in one class, checked in run()),
+            # so adding or removing a user changes one count by 1: L2 sensitivity 1.
+            pairs = np.unique(np.stack([labels, np.asarray(group_ids)]), axis=1)
+            counts = np.bincount(pairs[0], minlength=pe.num_classes).astype(np.float32)
         noisy = np.asarray(
             add_gaussian_noise(
                 jax.random.fold_in(key, _STREAM_COUNTS),
