@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import numbers
 import os
+import pathlib
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +42,32 @@ def check_prompts(prompts: Any) -> tuple[str, ...]:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompts[{i}] must be a non-empty string, got {p!r}.")
     return tuple(prompts)
+
+
+def prompt_for(prompts: tuple[str, ...], label: Any) -> str:
+    """The prompt of class ``label``; a clear error for a non-integer or unknown label."""
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        raise ValueError(f"label must be an integer class index, got {label!r}.")
+    if not 0 <= label < len(prompts):
+        raise ValueError(
+            f"label {label} has no prompt: prompts were given for classes 0..{len(prompts) - 1}."
+        )
+    return prompts[int(label)]
+
+
+def local_folder(path: Any, missing: str) -> pathlib.Path:
+    """Checks that ``path`` names an existing local folder; ``missing`` is the error when it does not exist.
+
+    ``missing`` may use ``{path}`` for the quoted path.
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"path must be a folder path (str or os.PathLike), got {type(path).__name__}."
+        )
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(missing.format(path=repr(str(p))))
+    return p
 
 
 def require(module: str, extra: str):

@@ -284,16 +284,11 @@ class TransformersImageEmbedding:
         """
         torch = tb.require("torch", _EXTRA_VISION)
         transformers = tb.require("transformers", _EXTRA_VISION)
-        if not isinstance(path, str | os.PathLike):
-            raise TypeError(
-                f"path must be a folder path (str or os.PathLike), got {type(path).__name__}."
-            )
-        p = pathlib.Path(path)
-        if not p.exists():
-            raise FileNotFoundError(
-                f"model folder {str(p)!r} does not exist (pejax loads local folders only; save a model "
-                "with model.save_pretrained(path))."
-            )
+        p = tb.local_folder(
+            path,
+            "model folder {path} does not exist (pejax loads local folders only; save a model "
+            "with model.save_pretrained(path)).",
+        )
         if not (p / "config.json").is_file():
             raise ValueError(
                 f"{str(p)!r} is not a saved transformers model: it has no config.json."

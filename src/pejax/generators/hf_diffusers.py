@@ -58,16 +58,11 @@ def _pipeline_class(
     path: Any, accepted: tuple[str, ...], other_hint: str
 ) -> tuple[pathlib.Path, str]:
     """Checks that ``path`` is a saved Diffusers pipeline of one of the ``accepted`` classes."""
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(
-            f"path must be a folder path (str or os.PathLike), got {type(path).__name__}."
-        )
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(
-            f"pipeline folder {str(p)!r} does not exist. Give the folder that pipeline.save_pretrained() "
-            "wrote (weights cannot be downloaded by pejax)."
-        )
+    p = tb.local_folder(
+        path,
+        "pipeline folder {path} does not exist. Give the folder that pipeline.save_pretrained() "
+        "wrote (weights cannot be downloaded by pejax).",
+    )
     index = p / "model_index.json"
     if not index.is_file():
         raise ValueError(
@@ -546,15 +541,6 @@ class StableDiffusionGenerator:
             name=f"diffusers:{cls_name}:{p.name}",
         )
 
-    def _prompt(self, label: Any) -> str:
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
-            raise ValueError(f"label must be an integer class index, got {label!r}.")
-        if not 0 <= label < len(self.prompts):
-            raise ValueError(
-                f"label {label} has no prompt: prompts were given for classes 0..{len(self.prompts) - 1}."
-            )
-        return self.prompts[int(label)]
-
     def _run(self, key, n: int, desc: str, call) -> jax.Array:
         torch = self._torch
         seeds = tb.sample_seeds(key, n)
@@ -593,7 +579,7 @@ class StableDiffusionGenerator:
         """
         key = tb.check_key(key)
         n = _check_count("num_samples", num_samples)
-        prompt = self._prompt(label)
+        prompt = tb.prompt_for(self.prompts, label)
         h, w, _ = self.image_shape
 
         def call(s, e, kwargs):
@@ -617,7 +603,7 @@ class StableDiffusionGenerator:
         key = tb.check_key(key)
         images = _check_images("samples", samples, self.image_shape)
         d = _check_degree(degree)
-        prompt = self._prompt(label)
+        prompt = tb.prompt_for(self.prompts, label)
         n = images.shape[0]
         if int(self.num_inference_steps * d) == 0 or n == 0:
             return images

@@ -33,7 +33,6 @@ import copy
 import math
 import numbers
 import os
-import pathlib
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -276,16 +275,11 @@ class CausalLMTextGenerator:
           gen.to_texts(samples)
         """
         torch, transformers = _imports()
-        if not isinstance(path, str | os.PathLike):
-            raise TypeError(
-                f"path must be a folder path (str or os.PathLike), got {type(path).__name__}."
-            )
-        p = pathlib.Path(path)
-        if not p.exists():
-            raise FileNotFoundError(
-                f"model folder {str(p)!r} does not exist. Give the folder that model.save_pretrained() and "
-                "tokenizer.save_pretrained() wrote (weights cannot be downloaded by pejax)."
-            )
+        p = tb.local_folder(
+            path,
+            "model folder {path} does not exist. Give the folder that model.save_pretrained() and "
+            "tokenizer.save_pretrained() wrote (weights cannot be downloaded by pejax).",
+        )
         if not (p / "config.json").is_file():
             raise ValueError(
                 f"{str(p)!r} is not a saved transformers model: it has no config.json. Save one with "
@@ -324,14 +318,6 @@ class CausalLMTextGenerator:
         )
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _prompt(self, label: Any) -> str:
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
-            raise ValueError(f"label must be an integer class index, got {label!r}.")
-        if not 0 <= label < len(self.prompts):
-            raise ValueError(
-                f"label {label} has no prompt: prompts were given for classes 0..{len(self.prompts) - 1}."
-            )
-        return self.prompts[int(label)]
 
     def _generate(self, contexts: list[str], gens: list, max_new: list[int], bar=None) -> list[str]:
         """Continues each context; row i samples with ``gens[i]`` and keeps at most ``max_new[i]`` tokens."""
@@ -390,7 +376,7 @@ class CausalLMTextGenerator:
         """
         key = tb.check_key(key)
         n = _int("num_samples", num_samples, 0)
-        prompt = self._prompt(label)
+        prompt = tb.prompt_for(self.prompts, label)
         torch = self._torch
         gens = tb.torch_generators(torch, tb.sample_seeds(key, n), self.device)
         bar = tb.progress_bar(n, f"{self.name} random", self.progress)
@@ -415,7 +401,7 @@ class CausalLMTextGenerator:
         key = tb.check_key(key)
         arr = self._check_samples(samples)
         d = _float("degree", degree, 0.0, 1.0)
-        prompt = self._prompt(label)
+        prompt = tb.prompt_for(self.prompts, label)
         n = arr.shape[0]
         if d == 0.0 or n == 0:
             return jnp.asarray(arr)
