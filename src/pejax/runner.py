@@ -567,9 +567,7 @@ class PrivateEvolution:
             )
             out_samples = final_samples if final_samples is not None else samples
             out_labels = (
-                np.asarray(self._final_labels(final_samples))
-                if final_samples is not None
-                else label_arr
+                np.asarray(self._final_labels(sizes)) if final_samples is not None else label_arr
             )
             record["metrics"] = self._notify(
                 IterationInfo(
@@ -597,7 +595,7 @@ class PrivateEvolution:
             final_samples = samples
             final_labels = np.asarray(arrays["labels"])
         elif final_samples is not None:
-            final_labels = np.asarray(self._final_labels(final_samples))
+            final_labels = np.asarray(self._final_labels(sizes))
         else:
             final_samples, final_labels = samples, label_arr
         return RunResult(
@@ -625,9 +623,9 @@ class PrivateEvolution:
         f = self.pe.final_samples_per_class
         return tuple(sizes) if f is None else (f,) * len(sizes)
 
-    def _final_labels(self, final_samples) -> np.ndarray:
-        del final_samples
-        return np.repeat(np.arange(self.pe.num_classes), self._last_final_sizes).astype(np.int32)
+    def _final_labels(self, sizes) -> np.ndarray:
+        """Labels of the released set, classes in order: ``_final_sizes(sizes)[y]`` of class y."""
+        return np.repeat(np.arange(self.pe.num_classes), self._final_sizes(sizes)).astype(np.int32)
 
     def _class_sizes(self, key, labels, sigma_counts, ledger, relation, group_ids=None):
         pe, priv = self.pe, self.privacy
@@ -678,7 +676,6 @@ class PrivateEvolution:
         }
         last = t == pe.iterations
         final_sizes = self._final_sizes(sizes)
-        self._last_final_sizes = final_sizes
         kt = jax.random.fold_in(key, t)
         new_parts, final_parts = [], []
         for y, cand in enumerate(_tree_slices(samples, sizes)):
