@@ -36,6 +36,16 @@ def _ledger_iterations(out):
     return [r.iteration for r in PrivacyLedger.from_json(meta["ledger"]).releases]
 
 
+def _resume_and_match(config, out, ref):
+    """Resumes the run in ``out``; its released data must equal the unbroken run's and each iteration be spent once."""
+    proc = _run(config, out, resume=True)
+    assert proc.returncode == 0, proc.stderr
+    for a, b in zip(_synthetic(out), _synthetic(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _ledger_iterations(out) == [0, 1, 2, 3]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     base = tmp_path_factory.mktemp("ft")
@@ -58,11 +68,7 @@ def test_killed_during_checkpoint_write(unbroken, tmp_path, kill_at):
     # The final names only ever hold complete checkpoints; the half-written temporary file is ignored.
     for path in ckpt.list_checkpoints(out / "checkpoints"):
         ckpt.load_checkpoint(path)
-    proc = _run(config, out, resume=True)
-    assert proc.returncode == 0, proc.stderr
-    for a, b in zip(_synthetic(out), _synthetic(ref), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert _ledger_iterations(out) == [0, 1, 2, 3]
+    _resume_and_match(config, out, ref)
 
 
 @pytest.mark.slow
@@ -81,11 +87,7 @@ def test_killed_at_random_times(unbroken, tmp_path):
         time.sleep(rng.uniform(0.3, 1.0) * duration)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    proc = _run(config, out, resume=True)
-    assert proc.returncode == 0, proc.stderr
-    for a, b in zip(_synthetic(out), _synthetic(ref), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert _ledger_iterations(out) == [0, 1, 2, 3]
+    _resume_and_match(config, out, ref)
 
 
 @pytest.mark.slow
@@ -96,8 +98,5 @@ def test_corrupt_newest_checkpoint_resumes_from_previous(unbroken, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
     newest.write_bytes(newest.read_bytes()[:100])  # damage it
-    proc = _run(config, out, resume=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = _resume_and_match(config, out, ref)
     assert "fails its SHA-256 checksum" in proc.stderr or "unreadable or truncated" in proc.stderr
-    for a, b in zip(_synthetic(out), _synthetic(ref), strict=True):
-        np.testing.assert_array_equal(a, b)
