@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pejax import _validate
@@ -105,11 +106,24 @@ def _smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -neg, idx
 
 
-def _knn_scores(queries, keys, *, k, metric, query_block, key_block, num_query_blocks, precision):
+def _knn_scores(
+    queries,
+    keys,
+    *,
+    k,
+    metric,
+    query_block,
+    key_block,
+    num_query_blocks,
+    precision,
+    key_sq=None,
+):
     """Ranking scores (smaller is nearer) and int32 indices of the k nearest keys, each (n, k).
 
     For ``"l2"`` the score is ``||x||^2 - 2 q.x`` (the squared distance less ``||q||^2``); for ``"cosine"``
-    and ``"ip"`` it is ``-q.x`` of the (normalised) vectors. Traceable; the callers jit it.
+    and ``"ip"`` it is ``-q.x`` of the (normalised) vectors. ``key_sq`` (m,) float32 replaces the squared key
+    norms computed from ``keys`` (the bfloat16 path passes the exact float32 norms). Traceable; the callers jit
+    it.
     """
     n, d = queries.shape
     m = keys.shape[0]
@@ -119,7 +133,9 @@ def _knn_scores(queries, keys, *, k, metric, query_block, key_block, num_query_b
     num_key_blocks = -(-m // key_block)
     m_pad = num_key_blocks * key_block
     keys_p = jnp.pad(keys, ((0, m_pad - m), (0, 0)))
-    if metric == "l2":
+    if metric == "l2" and key_sq is not None:
+        key_sq = jnp.pad(key_sq.astype(jnp.float32), (0, m_pad - m))
+    elif metric == "l2":
         key_sq = jnp.sum(jnp.square(keys_p.astype(jnp.float32)), axis=-1)
     else:
         key_sq = jnp.zeros((m_pad,), jnp.float32)
@@ -208,6 +224,174 @@ _PRECISIONS = {
     "default": lax.Precision.DEFAULT,
 }
 
+# The mixed-precision mode: bfloat16 operands, float32 accumulation, exact float32 re-check (see
+# :func:`knn_bfloat16`). Not a ``lax.Precision``; the single-device entry points route it.
+BFLOAT16 = "bfloat16"
+PRECISIONS = (*_PRECISIONS, BFLOAT16)
+# Unit roundoff of bfloat16 (8 significant bits, round to nearest) and of float32.
+_BF16_UNIT = 2.0**-9
+_F32_UNIT = 2.0**-24
+# Default number of bfloat16 candidates kept beyond k for the float32 re-check.
+DEFAULT_EXTRA_CANDIDATES = 16
+
+
+def _rounding_bound(q, q16, x, x16, key_sq, metric):
+    """Per-query bound (n,) on |bfloat16-path score - exact score| for any key, and on f32 rescoring error.
+
+    With ``q16 = q + dq`` and ``x16 = x + dx`` (the rounding errors, measured exactly here),
+    ``|q16.x16 - q.x| <= |dq| |x| + |q| |dx| + |dq| |dx|`` (Cauchy-Schwarz), maximised over keys. Float32
+    accumulation of d products adds at most ``d u32 |q16| |x16|`` (Higham's gamma_d), counted twice with a
+    factor 2 of margin (once for the bfloat16 scores, once for the float32 re-scores), plus the rounding of
+    adding the squared norm. Scores of ``"l2"`` carry the factor 2 of ``-2 q.x``.
+    """
+    d = q.shape[1]
+    f32 = jnp.float32
+    norm = lambda a: jnp.linalg.norm(a.astype(f32), axis=-1)  # noqa: E731
+    q_n, dq_n, q16_n = norm(q), norm(q - q16.astype(f32)), norm(q16)
+    x_n = jnp.max(norm(x))
+    dx_n = jnp.max(norm(x - x16.astype(f32)))
+    x16_n = jnp.max(norm(x16))
+    gamma = 4.0 * d * _F32_UNIT
+    dot_err = dq_n * x_n + q_n * dx_n + dq_n * dx_n + gamma * q16_n * x16_n
+    if metric == "l2":
+        return 2.0 * dot_err + 4.0 * _F32_UNIT * (jnp.max(key_sq) + 2.0 * q_n * x_n)
+    return dot_err + 4.0 * _F32_UNIT * q_n * x_n
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "candidates", "metric", "query_block", "key_block", "num_query_blocks"),
+)
+def _knn_bfloat16_certified(
+    queries, keys, *, k, candidates, metric, query_block, key_block, num_query_blocks
+):
+    """bfloat16 search for ``candidates`` keys, exact float32 re-scoring, and a per-row certificate.
+
+    Returns ``(Neighbors, certified)``: ``certified`` (n,) bool is True where no key outside the candidates can
+    be among the k nearest in exact arithmetic (so the row equals a float32 search up to float32 rounding).
+    """
+    f32 = jnp.float32
+    q = _prepare(queries.astype(f32), metric)
+    x = _prepare(keys.astype(f32), metric)
+    q16, x16 = q.astype(jnp.bfloat16), x.astype(jnp.bfloat16)
+    key_sq = jnp.sum(jnp.square(x), axis=-1) if metric == "l2" else jnp.zeros(x.shape[:1], f32)
+    # Vectors are already normalised: score cosine as "ip" so that _prepare does not round them again.
+    scores16, cand = _knn_scores(
+        q16,
+        x16,
+        k=candidates,
+        metric="l2" if metric == "l2" else "ip",
+        query_block=query_block,
+        key_block=key_block,
+        num_query_blocks=num_query_blocks,
+        precision=lax.Precision.DEFAULT,
+        key_sq=key_sq,
+    )
+
+    def rescore(args):
+        qb, cb = args
+        dots = jnp.einsum("rd,rcd->rc", qb, x[cb], precision=lax.Precision.HIGHEST)
+        exact = key_sq[cb] - 2.0 * dots if metric == "l2" else -dots
+        # Lexicographic (score, index): ties go to the lowest index, as in the float32 path.
+        exact, cb = lax.sort((exact, cb), dimension=1, num_keys=2)
+        return exact[:, :k], cb[:, :k]
+
+    n, d = q.shape
+    n_pad = num_query_blocks * query_block
+    q_b = jnp.pad(q, ((0, n_pad - n), (0, 0))).reshape(num_query_blocks, query_block, d)
+    c_b = jnp.pad(cand, ((0, n_pad - n), (0, 0))).reshape(num_query_blocks, query_block, candidates)
+    exact, idx = lax.map(rescore, (q_b, c_b))
+    exact, idx = exact.reshape(n_pad, k)[:n], idx.reshape(n_pad, k)[:n]
+
+    bound = _rounding_bound(q, q16, x, x16, key_sq, metric)
+    # Every key outside the candidates scored >= the last candidate in bfloat16, so its exact score is
+    # >= that minus the bound: if this is still above the k-th exact score, it cannot be a neighbour.
+    certified = scores16[:, -1] - bound > exact[:, -1]
+    if candidates >= keys.shape[0]:
+        certified = jnp.ones_like(certified)
+    if metric == "l2":
+        dist = jnp.maximum(exact + jnp.sum(jnp.square(q), axis=-1, keepdims=True), 0.0)
+    elif metric == "cosine":
+        dist = 1.0 + exact
+    else:
+        dist = exact
+    return Neighbors(dist, idx), certified
+
+
+def check_matmul_precision(precision: str, where: str) -> None:
+    """Validates ``precision`` for entry points that take a ``lax.Precision`` only (not ``"bfloat16"``)."""
+    if precision == BFLOAT16:
+        raise ValueError(
+            f"precision='bfloat16' is not supported by {where}: its float32 re-check of uncertified rows runs "
+            "on one device. Use pejax.vote_histogram (or nearest_neighbors) for the bfloat16 path, or "
+            "precision='default' here (the hardware's fast matmul, without the exact re-check)."
+        )
+    _validate.one_of("precision", precision, tuple(_PRECISIONS))
+
+
+def _bucket(n: int) -> int:
+    """Rows of the float32 re-check, rounded up to a power of two (>= 8) so few shapes compile."""
+    return max(_ROW_MULTIPLE, 1 << (max(n, 1) - 1).bit_length())
+
+
+def knn_bfloat16(
+    queries: jax.Array,
+    keys: jax.Array,
+    *,
+    k: int,
+    metric: str,
+    block_size: int | None = None,
+    key_block_size: int | None = None,
+    extra_candidates: int = DEFAULT_EXTRA_CANDIDATES,
+) -> tuple[Neighbors, int]:
+    """k nearest neighbours with bfloat16 matmuls, made exact by a float32 re-check.
+
+    1. Scores of all keys with bfloat16 operands and float32 accumulation (the tensor-core rate on GPUs and
+       TPUs); the ``k + extra_candidates`` best keys of each query are kept.
+    2. Those candidates are re-scored in float32 (``Precision.HIGHEST``) and the best k taken (ties: lowest
+       index).
+    3. A row is *certified* when a rigorous bound on the bfloat16 rounding error (measured from the actual
+       rounding of each vector, see ``_rounding_bound``) shows that no other key can beat its k-th neighbour.
+       Rows that are not certified (near-ties where bfloat16 could change the winners) are searched again over
+       all keys in float32.
+
+    The result therefore equals the float32 search's up to float32 near-ties (as between any two float32
+    summation orders). Inputs are validated by the callers (:func:`nearest_neighbors`,
+    :func:`pejax.vote_histogram`).
+
+    Returns:
+      ``(Neighbors, num_rechecked)``: the neighbours as :func:`nearest_neighbors` returns them, and how many
+      query rows needed the full float32 search.
+    """
+    extra_candidates = _validate.positive_int("extra_candidates", extra_candidates, minimum=0)
+    if _validate.is_traced(queries) or _validate.is_traced(keys):
+        raise ValueError(
+            "precision='bfloat16' cannot run inside jax.jit: its float32 re-check picks the uncertified rows "
+            "on the host. Call it outside jit, or use precision='default' inside jit (fast matmul, no re-check)."
+        )
+    n, m = queries.shape[0], keys.shape[0]
+    candidates = min(k + extra_candidates, m)
+    plan = block_plan(
+        n, m, block_size=block_size, key_block_size=key_block_size, precision="default"
+    )
+    del plan["precision"]
+    res, certified = _knn_bfloat16_certified(
+        queries, keys, k=k, candidates=candidates, metric=metric, **plan
+    )
+    bad = np.flatnonzero(~np.asarray(certified))
+    if bad.size == 0:
+        return res, 0
+    rows = np.pad(bad, (0, _bucket(bad.size) - bad.size))  # pad with row 0 (results discarded)
+    sub = jnp.take(jnp.asarray(queries), jnp.asarray(rows), axis=0)
+    plan = block_plan(
+        sub.shape[0], m, block_size=block_size, key_block_size=key_block_size, precision="highest"
+    )
+    exact = _knn(sub.astype(jnp.float32), keys.astype(jnp.float32), k=k, metric=metric, **plan)
+    at = jnp.asarray(bad)
+    dist = res.distances.at[at].set(exact.distances[: bad.size])
+    idx = res.indices.at[at].set(exact.indices[: bad.size])
+    return Neighbors(dist, idx), int(bad.size)
+
 
 def check_pair(queries, keys, *, k: int, metric: str, queries_name: str, keys_name: str):
     """Validates a (queries, keys, k, metric) quadruple; returns (queries, keys) as JAX arrays."""
@@ -254,7 +438,10 @@ def nearest_neighbors(
       key_block_size: keys per block (default: all keys when a block of scores fits 2**25 elements, otherwise
         a multiple of 128 that does). Peak extra memory is about ``block_size * key_block_size`` float32.
       precision: matmul precision, ``"highest"`` (full float32; default), ``"high"`` or ``"default"`` (on GPUs
-        and TPUs the latter two trade accuracy for speed). This does not change any privacy property.
+        and TPUs the latter two trade accuracy for speed), or ``"bfloat16"``: bfloat16 matmuls made exact by a
+        float32 re-check of the candidates and of every row a rounding bound cannot certify (see
+        :func:`pejax.neighbors.knn_bfloat16`; for GPUs and TPUs, slower on CPUs). No precision changes any
+        privacy property.
 
     Returns:
       ``Neighbors(distances, indices)``: (n, k) float32 distances in ascending order and (n, k) int32 indices.
@@ -274,6 +461,11 @@ def nearest_neighbors(
     queries, keys = check_pair(
         queries, keys, k=k, metric=metric, queries_name="queries", keys_name="keys"
     )
+    _validate.one_of("precision", precision, PRECISIONS)
+    if precision == BFLOAT16:
+        return knn_bfloat16(
+            queries, keys, k=k, metric=metric, block_size=block_size, key_block_size=key_block_size
+        )[0]
     plan = block_plan(
         queries.shape[0],
         keys.shape[0],
@@ -315,4 +507,4 @@ def padded_work_fraction(n: int, block_size: int) -> float:
     return 1.0 - n / (num_blocks * rows) if n else 0.0
 
 
-__all__ = ["METRICS", "Neighbors", "nearest_neighbors"]
+__all__ = ["METRICS", "PRECISIONS", "Neighbors", "knn_bfloat16", "nearest_neighbors"]

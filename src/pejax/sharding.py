@@ -499,9 +499,9 @@ def sharded_vote_histogram(
       >>> sharded_vote_histogram(private, synthetic, mesh=mesh).tolist()
       [2.0, 1.0]
     """
+    _nn.check_matmul_precision(precision, "sharded_vote_histogram")
     axes = _axes(mesh, axis_name)
     _validate.one_of("metric", metric, _nn.METRICS)
-    _validate.one_of("precision", precision, tuple(_nn._PRECISIONS))
     k = _validate.positive_int("k", k)
     if block_size is not None:
         _validate.positive_int("block_size", block_size)

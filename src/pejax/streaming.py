@@ -343,7 +343,7 @@ def streamed_vote_histogram(
       [2.0, 1.0]
     """
     _validate.one_of("metric", metric, _nn.METRICS)
-    _validate.one_of("precision", precision, tuple(_nn._PRECISIONS))
+    _nn.check_matmul_precision(precision, "streamed_vote_histogram")
     k = _validate.positive_int("k", k)
     chunk_rows = _validate.positive_int("chunk_rows", chunk_rows)
     if block_size is not None:

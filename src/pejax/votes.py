@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pejax import _validate
 from pejax import neighbors as _nn
 
 HISTOGRAM_SENSITIVITY = 1.0
@@ -149,6 +150,17 @@ def vote_histogram(
         private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
     )
     groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
+    _validate.one_of("precision", precision, _nn.PRECISIONS)
+    if precision == _nn.BFLOAT16:
+        indices = _nn.knn_bfloat16(
+            private,
+            synthetic,
+            k=k,
+            metric=metric,
+            block_size=block_size,
+            key_block_size=key_block_size,
+        )[0].indices
+        return _votes_from(indices, groups, m=synthetic.shape[0], k=k)
     plan = _nn.block_plan(
         private.shape[0],
         synthetic.shape[0],
@@ -177,7 +189,11 @@ def _vote_histogram(
         num_query_blocks=num_query_blocks,
         precision=precision,
     )
-    m = synthetic.shape[0]
+    return _votes_from(indices, groups, m=synthetic.shape[0], k=k)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "k"))
+def _votes_from(indices, groups, *, m, k):
     if groups is None:
         return votes_from_indices(indices, num_bins=m, k=k)
     return group_votes_from_indices(indices, groups, num_bins=m, k=k)
