@@ -158,3 +158,49 @@ def test_downstream_accuracy_errors(digits):
         downstream_accuracy(x, y, x[..., 0], y)
     with pytest.raises(TypeError, match=r"size must be a pair"):
         downstream_accuracy(x, y, x, y, size=8)
+
+
+def test_downstream_accuracy_uses_c(digits):
+    from sklearn.linear_model import LogisticRegression
+
+    x = digits.train_images.reshape(len(digits.train_images), -1) * 16.0
+    xt = digits.test_images.reshape(len(digits.test_images), -1) * 16.0
+    for c in (0.01, 1.0):
+        direct = LogisticRegression(C=c, max_iter=1000).fit(x, digits.train_labels)
+        got = downstream_accuracy(
+            digits.train_images, digits.train_labels, digits.test_images, digits.test_labels, C=c
+        )
+        # float32 resizing against float64 here: at most a couple of the 450 test images may differ
+        assert got == pytest.approx(direct.score(xt, digits.test_labels), abs=2 / 450)
+    with pytest.raises(ValueError, match=r"C must be > 0"):
+        downstream_accuracy(digits.train_images, digits.train_labels, xt, digits.test_labels, C=0)
+
+
+def test_choose_classifier_c_on_digits_matches_cross_validation(digits):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from pejax.metrics import choose_classifier_c
+
+    best, scores = choose_classifier_c(
+        digits.train_images, digits.train_labels, grid=(1.0, 0.01, 1e-4)
+    )
+    assert best == 0.01 and sorted(scores) == [1e-4, 0.01, 1.0]
+    x = digits.train_images.reshape(len(digits.train_images), -1) * 16.0
+    for c in (0.01, 1e-4):
+        cv = cross_val_score(LogisticRegression(C=c, max_iter=5000), x, digits.train_labels, cv=5)
+        assert scores[c] == pytest.approx(cv.mean(), abs=1e-3)
+
+
+def test_choose_classifier_c_errors(digits):
+    from pejax.metrics import choose_classifier_c
+
+    x, y = digits.train_images[:40], digits.train_labels[:40]
+    with pytest.raises(ValueError, match=r"folds must be an integer >= 2"):
+        choose_classifier_c(x, y, folds=1)
+    with pytest.raises(ValueError, match=r"grid must hold at least one"):
+        choose_classifier_c(x, y, grid=())
+    with pytest.raises(ValueError, match=r"grid\[i\] must be > 0"):
+        choose_classifier_c(x, y, grid=(0.0,))
+    with pytest.raises(ValueError, match=r"at least 2 classes with >= folds=5"):
+        choose_classifier_c(x[:12], y[:12])

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pejax import _validate
 from pejax import checkpoint as ckpt
 from pejax import config as cfg
 from pejax import reporting
@@ -27,7 +28,9 @@ from pejax.runner import PrivateEvolution
 # threshold of one sigma, decreasing variation degree); the developers checked them with a handful of runs on
 # these same digits, which the privacy guarantee does not cover (see BUILD_NOTES.md).
 DEMO_CONFIG: dict[str, Any] = {
-    "run": {"seed": 0, "evaluate": True},
+    # classifier_c: the evaluation logistic regression's C, chosen once by 5-fold cross-validation on the
+    # real digits training split (pejax.metrics.choose_classifier_c; experiments/digits_sweep.py re-checks it).
+    "run": {"seed": 0, "evaluate": True, "classifier_c": 0.01},
     "data": {"source": "digits"},
     "generator": {"kind": "glyphs", "image_size": 16},
     "embedding": {"name": "resize"},
@@ -48,7 +51,7 @@ DEMO_CONFIG: dict[str, Any] = {
     },
 }
 
-RUN_KEYS = ("seed", "evaluate", "out")
+RUN_KEYS = ("seed", "evaluate", "out", "classifier_c")
 DATA_KEYS = ("source", "path", "test_path", "images_key", "labels_key")
 GENERATOR_KEYS = ("kind", "image_size", "texts", "fonts")
 EMBEDDING_KEYS = ("name", "size", "channels")
@@ -140,7 +143,7 @@ def check_output_folder(out: pathlib.Path, resume: bool) -> None:
         )
 
 
-def _evaluator(test_images, test_labels, emb_size):
+def _evaluator(test_images, test_labels, emb_size, classifier_c):
     from pejax.embeddings import resize_embedding
     from pejax.metrics import downstream_accuracy
     from pejax.metrics import frechet_distance
@@ -149,7 +152,7 @@ def _evaluator(test_images, test_labels, emb_size):
 
     def evaluate(info: IterationInfo) -> dict[str, float]:
         images = np.asarray(info.images)
-        acc = downstream_accuracy(images, info.labels, test_images, test_labels)
+        acc = downstream_accuracy(images, info.labels, test_images, test_labels, C=classifier_c)
         syn_emb = np.asarray(
             resize_embedding(images, size=emb_size, channels=test_images.shape[-1])
         )
@@ -176,6 +179,10 @@ def run_experiment(
     pe = cfg.pe_from_dict(config.get("pe"))
     privacy = cfg.privacy_from_dict(config.get("privacy"))
     speed = cfg.speed_from_dict(config.get("speed"))
+    # The evaluation classifier's C (scikit-learn's default 1.0 unless the config fixes it).
+    classifier_c = _validate.finite_float(
+        "run.classifier_c", run_section.get("classifier_c", 1.0), minimum=0.0, strict=True
+    )
     seed = run_section.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"run.seed must be an integer, got {seed!r}.")
@@ -188,7 +195,7 @@ def run_experiment(
 
     callbacks = []
     if run_section.get("evaluate", True) and test_x is not None:
-        callbacks.append(_evaluator(test_x, test_y, tuple(train_x.shape[1:3])))
+        callbacks.append(_evaluator(test_x, test_y, tuple(train_x.shape[1:3]), classifier_c))
 
     out.mkdir(parents=True, exist_ok=True)
     runner = PrivateEvolution(
