@@ -151,11 +151,30 @@ def test_user_level_run():
         make().run(jax.random.key(0), x, y, group_ids=groups)
 
 
-def test_lookahead_calls_variation_L_times_per_class():
+def test_lookahead_embeds_the_mean_of_L_variations_in_one_call():
     gen = ToyGenerator()
-    run(generator=gen, pe=dataclasses.replace(PE, iterations=1, lookahead_degree=3))
-    # iteration 1 (the last): 3 lookahead variations per class, plus final variations of repeated parents.
-    assert 9 <= gen.calls["variation"] <= 12
+    runner = make(generator=gen, pe=dataclasses.replace(PE, iterations=1, lookahead_degree=3))
+    samples = gen.random(jax.random.key(0), 1, 7)
+    seen = []
+    inner_variation = gen.variation
+
+    def spy(key, s, label, degree):
+        seen.append(s.shape[0])
+        return inner_variation(key, s, label, degree)
+
+    gen.variation = spy
+    emb = np.asarray(runner._embed_candidates(jax.random.key(1), samples, 1, 0.5))
+    assert seen == [21]  # one call for 3 variations of 7 candidates
+    # Row i is the mean of the embeddings of rows i, 7 + i, 14 + i of that call's output.
+    var = np.asarray(inner_variation(jax.random.key(1), np.tile(samples, (3, 1, 1, 1)), 1, 0.5))
+    expected = var.reshape(3, 7, -1).mean(axis=0)
+    np.testing.assert_allclose(emb, expected, rtol=1e-6, atol=1e-6)
+    # Degree 0 varies nothing: the lookahead embedding is the candidate's own.
+    np.testing.assert_allclose(
+        np.asarray(runner._embed_candidates(jax.random.key(2), samples, 1, 0.0)),
+        np.asarray(samples).reshape(7, -1),
+        atol=1e-6,
+    )
 
 
 def test_uniform_fallback_is_recorded():

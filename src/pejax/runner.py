@@ -355,12 +355,14 @@ class PrivateEvolution:
         L = self.pe.lookahead_degree
         if L == 0:
             return self._embed(self.generator.render(samples), f"candidates of class {label}")
-        total = None
-        for j in range(L):
-            var = self.generator.variation(jax.random.fold_in(key, j), samples, label, degree)
-            emb = self._embed(self.generator.render(var), f"lookahead candidates of class {label}")
-            total = emb if total is None else total + emb
-        return total / L
+        # One call for all L variations: the candidates tiled L times (copy j of candidate i at row
+        # j * n + i). Each row gets its own noise, so this is L independent variations of each candidate,
+        # with one dispatch (and one output check) instead of L.
+        n = jax.tree_util.tree_leaves(samples)[0].shape[0]
+        tiled = _tree_take(samples, np.tile(np.arange(n), L))
+        var = self.generator.variation(key, tiled, label, degree)
+        emb = self._embed(self.generator.render(var), f"lookahead candidates of class {label}")
+        return emb.reshape(L, n, emb.shape[1]).mean(axis=0)
 
     def _restore_samples(self, arrays: dict[str, np.ndarray], key):
         names = sorted(n for n in arrays if n.startswith("samples"))
