@@ -41,7 +41,7 @@ def make(tmp_path=None, pe=PE, privacy=PRIV, generator=None, **kw):
         pe=pe,
         privacy=privacy,
         checkpoint_dir=tmp_path,
-        speed=SpeedConfig(retry_backoff_s=0.0),
+        speed=kw.pop("speed", SpeedConfig(retry_backoff_s=0.0)),
         **kw,
     )
 
@@ -347,3 +347,14 @@ def test_user_level_requires_one_class_per_user_and_counts_users():
         jax.random.key(0), x, y, group_ids=groups
     )
     assert r.history[0]["stats"]["noisy_class_counts"] == [30.0, 1.0, 25.0]
+
+
+def test_bfloat16_votes_give_the_float32_run():
+    """speed.precision='bfloat16' (exact re-check) reproduces the float32 run; refused with a mesh."""
+    r32 = run()
+    r16 = run(speed=SpeedConfig(retry_backoff_s=0.0, precision="bfloat16"))
+    np.testing.assert_array_equal(np.asarray(r32.images), np.asarray(r16.images))
+    with pytest.raises(ValueError, match=r"speed\.precision must be one of"):
+        SpeedConfig(precision="float8")
+    with pytest.raises(ValueError, match="not supported by PrivateEvolution with a device mesh"):
+        make(speed=SpeedConfig(precision="bfloat16"), mesh=jax.make_mesh((1,), ("data",)))

@@ -16,6 +16,7 @@ from pejax import _validate
 from pejax.accounting import ACCOUNTANTS
 from pejax.mechanism import SELECTION_MODES
 from pejax.neighbors import METRICS
+from pejax.neighbors import PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,17 +169,22 @@ class SpeedConfig:
 
     Attributes:
       block_size: private samples per nearest-neighbour block (``None``: automatic).
+      precision: matmul precision of the votes, as in :func:`pejax.vote_histogram`: ``"highest"``
+        (float32, default), ``"high"``, ``"default"``, or ``"bfloat16"`` (bfloat16 matmuls with an exact
+        float32 re-check; for GPUs and TPUs; not with a device mesh).
       generator_retries: times a failing generator call is retried before the run stops.
       retry_backoff_s: first wait between retries in seconds (doubles after each failure).
     """
 
     block_size: int | None = None
+    precision: str = "highest"
     generator_retries: int = 2
     retry_backoff_s: float = 0.5
 
     def __post_init__(self):
         if self.block_size is not None:
             _validate.positive_int("speed.block_size", self.block_size)
+        _validate.one_of("speed.precision", self.precision, PRECISIONS)
         _validate.positive_int("speed.generator_retries", self.generator_retries, minimum=0)
         _validate.finite_float("speed.retry_backoff_s", self.retry_backoff_s, minimum=0.0)
 

@@ -275,6 +275,10 @@ class PrivateEvolution:
         self.callbacks = tuple(callbacks)
         self.progress = progress
         self.mesh = mesh
+        if mesh is not None:
+            from pejax.neighbors import check_matmul_precision
+
+            check_matmul_precision(self.speed.precision, "PrivateEvolution with a device mesh")
 
     # ----------------------------------------------------------------------------------------- privacy
     def plan_noise(self, delta: float) -> tuple[float, float | None]:
@@ -696,6 +700,7 @@ class PrivateEvolution:
                     metric=pe.metric,
                     group_ids=groups,
                     block_size=self.speed.block_size,
+                    precision=self.speed.precision,
                 )
             else:
                 from pejax.sharding import sharded_vote_histogram
@@ -708,6 +713,7 @@ class PrivateEvolution:
                     metric=pe.metric,
                     group_ids=groups,
                     block_size=self.speed.block_size,
+                    precision=self.speed.precision,
                 )
             noisy = add_gaussian_noise(k_noise, hist, noise_multiplier=sigma)
             kept = threshold(noisy, threshold=pe.threshold_sigmas * sigma)
