@@ -113,6 +113,14 @@ def test_bad_config_key_is_reported(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_classifier_c_is_reported_before_anything_runs(tmp_path, capsys):
+    path = tmp_path / "bad_c.toml"
+    path.write_text(SMALL.replace("seed = 3", "seed = 3\nclassifier_c = 0"))
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert "run.classifier_c must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_console_entry_point_help():
     out = subprocess.run(
         [sys.executable, "-m", "pejax.cli", "--help"], capture_output=True, text=True, check=True
