@@ -320,3 +320,29 @@ def test_random_digits_transfer_to_real_digits():
         classifier = LogisticRegression(max_iter=1000).fit(np.concatenate(features), labels)
     digits = load_digits()
     assert classifier.score(digits.data, digits.target) > 0.3  # chance is 0.1
+
+
+def test_batch_sizes_share_compilations_and_rows_do_not_depend_on_padding(sim):
+    """Sizes in one bucket (here 193..224) compile once; a sample's image does not depend on the batch."""
+    assert [glyphs._bucket(n) for n in (1, 16, 17, 193, 224, 225, 1601)] == [
+        1,
+        16,
+        20,
+        224,
+        224,
+        256,
+        1792,
+    ]
+    base = sim.random(jax.random.key(5), 1, 224)
+    sim.to_images(base)
+    sim.variation(jax.random.key(6), base, 1, 0.2)
+    sizes = _cache_sizes()
+    for n in (193, 200, 211):
+        part = jax.tree_util.tree_map(lambda a, n=n: a[:n], base)
+        images = sim.to_images(part)
+        assert images.shape == (n, sim.image_size, sim.image_size, 1)
+        np.testing.assert_array_equal(np.asarray(images), np.asarray(sim.to_images(base))[:n])
+        varied = sim.variation(jax.random.key(6), part, 1, 0.2)
+        assert varied.glyph.shape == (n,)
+        assert sim.random(jax.random.key(7), 1, n).scale.shape == (n,)
+    assert _cache_sizes()[:2] == sizes[:2]  # render and variation: no new compilation
