@@ -126,3 +126,14 @@ def test_console_entry_point_help():
         [sys.executable, "-m", "pejax.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in out.stdout and "account" in out.stdout and "run" in out.stdout
+
+
+def test_generator_prior_from_config():
+    from pejax.experiment import build_generator
+
+    sim = build_generator({"image_size": 8, "prior": {"warp": 0.06, "ink": [0.9, 1.0]}}, 2)
+    assert sim.prior.warp == 0.06 and sim.prior.ink == (0.9, 1.0)
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) \['wrap'\] in config section \[generator.prior\]"
+    ):
+        build_generator({"prior": {"wrap": 0.06}}, 2)

@@ -7,6 +7,7 @@ held-out real test set only (never on the private training set) and do not steer
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import pathlib
@@ -53,7 +54,7 @@ DEMO_CONFIG: dict[str, Any] = {
 
 RUN_KEYS = ("seed", "evaluate", "out", "classifier_c")
 DATA_KEYS = ("source", "path", "test_path", "images_key", "labels_key")
-GENERATOR_KEYS = ("kind", "image_size", "texts", "fonts")
+GENERATOR_KEYS = ("kind", "image_size", "texts", "fonts", "prior")
 EMBEDDING_KEYS = ("name", "size", "channels")
 
 
@@ -109,6 +110,14 @@ def build_generator(section: dict, num_classes: int):
         )
     if "fonts" in section:
         section["fonts"] = tuple(section["fonts"])
+    if "prior" in section:
+        from pejax.generators.glyphs import GlyphPrior
+
+        fields = tuple(f.name for f in dataclasses.fields(GlyphPrior))
+        prior = cfg.check_keys("generator.prior", section["prior"], fields)
+        section["prior"] = GlyphPrior(
+            **{k: v if isinstance(v, int | float) else tuple(v) for k, v in prior.items()}
+        )
     return GlyphSimulator(**section)
 
 
