@@ -47,11 +47,17 @@ def main():
         default="{}",
         help="JSON overrides of the demo's [pe] section, e.g. '{\"iterations\": 10}'",
     )
+    parser.add_argument(
+        "--generator",
+        default="{}",
+        help='JSON overrides of the demo\'s [generator] section, e.g. \'{"prior": {"warp": 0.06}}\'',
+    )
     args = parser.parse_args()
 
     overrides = json.loads(args.pe)
     base = copy.deepcopy(DEMO_CONFIG)
     base["pe"].update(overrides)
+    base["generator"].update(json.loads(args.generator))
     split = load_digits_split()
     # The evaluation classifier's C: chosen by 5-fold cross-validation on the real training split (never
     # on the test images), then fixed for every run. Accuracy with scikit-learn's default C = 1 is

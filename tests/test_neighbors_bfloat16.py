@@ -133,3 +133,9 @@ def test_refused_where_unsupported():
         pejax.nearest_neighbors(q, x, precision="float8")
     with pytest.raises(ValueError, match="extra_candidates"):
         nn_mod.knn_bfloat16(q, x, k=1, metric="l2", extra_candidates=-1)
+    bad = q.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"queries contains NaN or Inf .*first in row 3"):
+        nn_mod.knn_bfloat16(bad, x, k=1, metric="l2")
+    with pytest.raises(ValueError, match=r"k=9 exceeds the number of keys"):
+        nn_mod.knn_bfloat16(q, x, k=9, metric="l2")

@@ -228,8 +228,7 @@ _PRECISIONS = {
 # :func:`knn_bfloat16`). Not a ``lax.Precision``; the single-device entry points route it.
 BFLOAT16 = "bfloat16"
 PRECISIONS = (*_PRECISIONS, BFLOAT16)
-# Unit roundoff of bfloat16 (8 significant bits, round to nearest) and of float32.
-_BF16_UNIT = 2.0**-9
+# Unit roundoff of float32 (the bfloat16 rounding is measured, not bounded by its unit roundoff).
 _F32_UNIT = 2.0**-24
 # Default number of bfloat16 candidates kept beyond k for the float32 re-check.
 DEFAULT_EXTRA_CANDIDATES = 16
@@ -356,13 +355,32 @@ def knn_bfloat16(
        all keys in float32.
 
     The result therefore equals the float32 search's up to float32 near-ties (as between any two float32
-    summation orders). Inputs are validated by the callers (:func:`nearest_neighbors`,
-    :func:`pejax.vote_histogram`).
+    summation orders). Arguments as in :func:`nearest_neighbors`, plus ``extra_candidates`` >= 0.
 
     Returns:
       ``(Neighbors, num_rechecked)``: the neighbours as :func:`nearest_neighbors` returns them, and how many
       query rows needed the full float32 search.
+
+    Raises:
+      ValueError, TypeError: as :func:`nearest_neighbors`, for a negative ``extra_candidates``, and inside
+        ``jax.jit`` (the re-check picks rows on the host).
     """
+    queries, keys = check_pair(
+        queries, keys, k=k, metric=metric, queries_name="queries", keys_name="keys"
+    )
+    return _knn_bfloat16(
+        queries,
+        keys,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        extra_candidates=extra_candidates,
+    )
+
+
+def _knn_bfloat16(queries, keys, *, k, metric, block_size, key_block_size, extra_candidates):
+    """:func:`knn_bfloat16` on inputs already checked by :func:`check_pair`."""
     extra_candidates = _validate.positive_int("extra_candidates", extra_candidates, minimum=0)
     if _validate.is_traced(queries) or _validate.is_traced(keys):
         raise ValueError(
@@ -463,8 +481,14 @@ def nearest_neighbors(
     )
     _validate.one_of("precision", precision, PRECISIONS)
     if precision == BFLOAT16:
-        return knn_bfloat16(
-            queries, keys, k=k, metric=metric, block_size=block_size, key_block_size=key_block_size
+        return _knn_bfloat16(
+            queries,
+            keys,
+            k=k,
+            metric=metric,
+            block_size=block_size,
+            key_block_size=key_block_size,
+            extra_candidates=DEFAULT_EXTRA_CANDIDATES,
         )[0]
     plan = block_plan(
         queries.shape[0],

@@ -152,13 +152,14 @@ def vote_histogram(
     groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
     _validate.one_of("precision", precision, _nn.PRECISIONS)
     if precision == _nn.BFLOAT16:
-        indices = _nn.knn_bfloat16(
+        indices = _nn._knn_bfloat16(
             private,
             synthetic,
             k=k,
             metric=metric,
             block_size=block_size,
             key_block_size=key_block_size,
+            extra_candidates=_nn.DEFAULT_EXTRA_CANDIDATES,
         )[0].indices
         return _votes_from(indices, groups, m=synthetic.shape[0], k=k)
     plan = _nn.block_plan(
