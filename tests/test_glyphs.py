@@ -346,3 +346,39 @@ def test_batch_sizes_share_compilations_and_rows_do_not_depend_on_padding(sim):
         assert varied.glyph.shape == (n,)
         assert sim.random(jax.random.key(7), 1, n).scale.shape == (n,)
     assert _cache_sizes()[:2] == sizes[:2]  # render and variation: no new compilation
+
+
+def test_handwritten_forms_join_the_atlas_as_fonts():
+    from pejax.generators.handwriting import draw_forms
+
+    forms = draw_forms("9", 64)
+    assert len(forms) == 3 and all(
+        f.dtype == bool and f.shape == (64, 64) and f.any() for f in forms
+    )
+    assert draw_forms("A", 64) == [] and draw_forms("12", 64) == []
+    plain = GlyphSimulator(texts=("9", "A"), image_size=16)
+    hand = GlyphSimulator(texts=("9", "A"), image_size=16, handwriting=True)
+    assert hand.fonts_for(0) == (
+        *plain.fonts_for(0),
+        "handwriting:9:0",
+        "handwriting:9:1",
+        "handwriting:9:2",
+    )
+    assert hand.fonts_for(1) == plain.fonts_for(1)  # not a digit: fonts only
+    # The straight-stemmed 9 (form 0) inks the lower right, where a font's curled tail does not reach.
+    first = hand.num_glyphs - len(hand.fonts_for(1)) - 3
+    base = hand.random(jax.random.key(0), 0, 4)
+    upright = base._replace(
+        glyph=jnp.full((4,), first, jnp.int32),
+        scale=jnp.full((4,), 0.9),
+        aspect=jnp.zeros(4),
+        rotation=jnp.zeros(4),
+        shear=jnp.zeros(4),
+        shift_x=jnp.zeros(4),
+        shift_y=jnp.zeros(4),
+        warp=jnp.zeros_like(base.warp),
+    )
+    image = np.asarray(hand.to_images(upright))[0, :, :, 0]
+    assert image[12:, 9:12].mean() > 0.3 and image[12:, 2:6].mean() < 0.1
+    with pytest.raises(TypeError, match="handwriting must be True or False"):
+        GlyphSimulator(texts=("9",), handwriting="yes")

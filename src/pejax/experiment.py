@@ -54,7 +54,7 @@ DEMO_CONFIG: dict[str, Any] = {
 
 RUN_KEYS = ("seed", "evaluate", "out", "classifier_c")
 DATA_KEYS = ("source", "path", "test_path", "images_key", "labels_key")
-GENERATOR_KEYS = ("kind", "image_size", "texts", "fonts", "prior")
+GENERATOR_KEYS = ("kind", "image_size", "texts", "fonts", "prior", "handwriting")
 EMBEDDING_KEYS = ("name", "size", "channels")
 
 

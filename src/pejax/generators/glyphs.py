@@ -228,6 +228,13 @@ def _render_glyph(font, text: str, high_res: int) -> np.ndarray | None:
     width, height = max(right - left, 1) + 2 * pad, max(bottom - top, 1) + 2 * pad
     canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).text((pad - left, pad - top), text, fill=255, font=font)
+    return _fit(canvas, high_res)
+
+
+def _fit(canvas, high_res: int) -> np.ndarray | None:
+    """Crops a Pillow "L" image to its ink, centres it with longer side ``_FIT * high_res``; bool mask."""
+    from PIL import Image
+
     box = canvas.getbbox()
     if box is None:
         return None
@@ -253,9 +260,13 @@ def _signed_distance(inside: np.ndarray, atlas_size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _build_atlas(
-    texts: tuple[str, ...], fonts: tuple[str, ...], atlas_size: int
+    texts: tuple[str, ...], fonts: tuple[str, ...], atlas_size: int, handwriting: bool = False
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Returns (sdf (G, R, R) float32, labels (G,) int32, font path per glyph), glyphs grouped by class."""
+    """Returns (sdf (G, R, R) float32, labels (G,) int32, font path per glyph), glyphs grouped by class.
+
+    With ``handwriting``, single-digit texts also get the pen-drawn forms of
+    :mod:`pejax.generators.handwriting` (their "font" is ``"handwriting:<digit>:<form>"``).
+    """
     try:
         from PIL import ImageFont
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -283,6 +294,19 @@ def _build_atlas(
             sdfs.append(_signed_distance(inside, atlas_size))
             labels.append(label)
             glyph_fonts.append(path)
+        if handwriting:
+            from PIL import Image
+
+            from pejax.generators.handwriting import draw_forms
+
+            for form, mask in enumerate(draw_forms(text, high_res)):
+                inside = _fit(Image.fromarray(mask.astype(np.uint8) * 255), high_res)
+                if inside is None:
+                    continue
+                seen.add(inside.tobytes())
+                sdfs.append(_signed_distance(inside, atlas_size))
+                labels.append(label)
+                glyph_fonts.append(f"handwriting:{text}:{form}")
         if not seen:
             code_points = " ".join(f"U+{ord(c):04X}" for c in text)
             raise ValueError(
@@ -459,6 +483,9 @@ class GlyphSimulator:
       prior: the parameter prior of :meth:`random` (and the noise scale of :meth:`variation`).
       warp_grid: side g >= 2 of the elastic-offset grid (``GlyphParams.warp`` has shape (N, g, g, 2)).
       atlas_size: side of each glyph's signed-distance field in the atlas (rendered at 4x and pooled), >= 16.
+      handwriting: also draw single-digit texts in common handwritten forms with a round pen
+        (:mod:`pejax.generators.handwriting`: straight-stemmed 9, open 4, crossed 7, flagged 1, ...), each
+        treated as one more font.
       name: a short name for messages and reports.
 
     Raises:
@@ -480,6 +507,7 @@ class GlyphSimulator:
     prior: GlyphPrior = GlyphPrior()
     warp_grid: int = 4
     atlas_size: int = 64
+    handwriting: bool = False
     name: str = "glyphs"
 
     def __post_init__(self):
@@ -519,7 +547,11 @@ class GlyphSimulator:
                     )
         object.__setattr__(self, "fonts", fonts)
 
-        sdf, labels, glyph_fonts = _build_atlas(self.texts, fonts, self.atlas_size)
+        if not isinstance(self.handwriting, bool):
+            raise TypeError(f"handwriting must be True or False, got {self.handwriting!r}.")
+        sdf, labels, glyph_fonts = _build_atlas(
+            self.texts, fonts, self.atlas_size, self.handwriting
+        )
         counts = np.bincount(labels, minlength=len(self.texts)).astype(np.int32)
         first = (np.cumsum(counts) - counts).astype(np.int32)
         low, high = self.prior._bounds()
