@@ -481,14 +481,8 @@ def nearest_neighbors(
     )
     _validate.one_of("precision", precision, PRECISIONS)
     if precision == BFLOAT16:
-        return _knn_bfloat16(
-            queries,
-            keys,
-            k=k,
-            metric=metric,
-            block_size=block_size,
-            key_block_size=key_block_size,
-            extra_candidates=DEFAULT_EXTRA_CANDIDATES,
+        return knn_bfloat16(
+            queries, keys, k=k, metric=metric, block_size=block_size, key_block_size=key_block_size
         )[0]
     plan = block_plan(
         queries.shape[0],
