@@ -33,7 +33,9 @@ DEMO_CONFIG: dict[str, Any] = {
     # real digits training split (pejax.metrics.choose_classifier_c; experiments/digits_sweep.py re-checks it).
     "run": {"seed": 0, "evaluate": True, "classifier_c": 0.01},
     "data": {"source": "digits"},
-    "generator": {"kind": "glyphs", "image_size": 16},
+    # handwriting: common handwritten digit forms beside the fonts (better at every epsilon in
+    # experiments/results/digits_sweep_fonts_only.md against digits_sweep.md).
+    "generator": {"kind": "glyphs", "image_size": 16, "handwriting": True},
     "embedding": {"name": "resize"},
     "privacy": {"epsilon": 1.0, "accountant": "pld"},
     "pe": {
