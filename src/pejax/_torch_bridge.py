@@ -201,12 +201,25 @@ def batches(num: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, num)) for s in range(0, num, batch_size)]
 
 
+class NullBar:
+    """A progress bar that shows nothing (``update`` and ``close`` do nothing), so callers need no checks."""
+
+    def update(self, n: int = 1) -> None:
+        del n
+
+    def close(self) -> None:
+        pass
+
+
+NULL_BAR = NullBar()
+
+
 def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar over ``total`` samples, or ``None`` when disabled or tqdm is missing."""
+    """A tqdm bar over ``total`` samples, or :data:`NULL_BAR` when disabled or tqdm is missing."""
     if not enabled:
-        return None
+        return NULL_BAR
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with transformers and diffusers
-        return None
+        return NULL_BAR
     return tqdm(total=total, desc=desc, unit="sample", leave=False)

@@ -272,23 +272,6 @@ _STATIC = ("k", "metric", "block_size", "key_block_size", "precision")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _count_chunk(
-    counts, chunk, num_valid, keys, *, k, metric, block_size, key_block_size, precision
-):
-    idx = _local_knn(
-        chunk,
-        keys,
-        k=k,
-        metric=metric,
-        block_size=block_size,
-        key_block_size=key_block_size,
-        precision=precision,
-    ).indices
-    valid = (jnp.arange(chunk.shape[0]) < num_valid).astype(jnp.int32)
-    return counts.at[idx.reshape(-1)].add(jnp.repeat(valid, k))
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def _index_chunk(chunk, keys, *, k, metric, block_size, key_block_size, precision):
     return _local_knn(
         chunk,
@@ -299,6 +282,13 @@ def _index_chunk(chunk, keys, *, k, metric, block_size, key_block_size, precisio
         key_block_size=key_block_size,
         precision=precision,
     ).indices
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _count_chunk(counts, chunk, num_valid, keys, **kernel):
+    idx = _index_chunk(chunk, keys, **kernel)  # inlined into this program by jit
+    valid = (jnp.arange(chunk.shape[0]) < num_valid).astype(jnp.int32)
+    return counts.at[idx.reshape(-1)].add(jnp.repeat(valid, kernel["k"]))
 
 
 def streamed_vote_histogram(

@@ -303,10 +303,8 @@ class DiffusersGenerator:
                 shape = (e - s, self.image_shape[2], *self.image_shape[:2])
                 noise = randn_tensor(shape, generator=gens, device=self.device, dtype=self.dtype)
                 parts.append(body(s, e, noise, gens))
-                if bar is not None:
-                    bar.update(e - s)
-        if bar is not None:
-            bar.close()
+                bar.update(e - s)
+        bar.close()
         return _concat(parts, self.image_shape)
 
     # ------------------------------------------------------------------------------------------ protocol
@@ -560,10 +558,8 @@ class StableDiffusionGenerator:
                 }
                 out = call(s, e, kwargs).images
                 parts.append(_nchw_to_jax(torch, out))
-                if bar is not None:
-                    bar.update(e - s)
-        if bar is not None:
-            bar.close()
+                bar.update(e - s)
+        bar.close()
         return _concat(parts, self.image_shape)
 
     def random(self, key: jax.Array, label: int, num_samples: int) -> jax.Array:

@@ -319,7 +319,9 @@ class CausalLMTextGenerator:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _generate(self, contexts: list[str], gens: list, max_new: list[int], bar=None) -> list[str]:
+    def _generate(
+        self, contexts: list[str], gens: list, max_new: list[int], bar=tb.NULL_BAR
+    ) -> list[str]:
         """Continues each context; row i samples with ``gens[i]`` and keeps at most ``max_new[i]`` tokens."""
         torch = self._torch
         out: list[str] = []
@@ -346,8 +348,7 @@ class CausalLMTextGenerator:
             new = ids[:, enc["input_ids"].shape[1] :]
             for row, limit_i in zip(new, max_new[s:e], strict=True):
                 out.append(self.tokenizer.decode(row[:limit_i], skip_special_tokens=True))
-            if bar is not None:
-                bar.update(e - s)
+            bar.update(e - s)
         return out
 
     def _encode(self, texts: list[str]) -> jax.Array:
@@ -382,8 +383,7 @@ class CausalLMTextGenerator:
         bar = tb.progress_bar(n, f"{self.name} random", self.progress)
         with tb.deterministic(torch):
             texts = self._generate([prompt] * n, gens, [self.max_new_tokens] * n, bar)
-        if bar is not None:
-            bar.close()
+        bar.close()
         return self._encode([t.strip() for t in texts])
 
     def variation(self, key: jax.Array, samples: Any, label: int, degree: float) -> jax.Array:
@@ -420,10 +420,9 @@ class CausalLMTextGenerator:
                 texts = self._fill(prompt, words, masked, gens)
             else:
                 texts = self._rewrite(prompt, words, masked, gens, bar)
-        if bar is not None:
-            if self.variation_mode == "fill":
-                bar.update(n)
-            bar.close()
+        if self.variation_mode == "fill":
+            bar.update(n)
+        bar.close()
         return self._encode(texts)
 
     def _fill(self, prompt: str, words, masked, gens) -> list[str]:
