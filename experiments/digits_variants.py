@@ -48,7 +48,6 @@ def variant_config(base: dict, overrides: dict) -> dict:
         raise ValueError(f"unknown section(s) {unknown}; use any of {list(SECTIONS)}.")
     config = copy.deepcopy(DEMO_CONFIG)
     for section in SECTIONS:
-        config.setdefault(section, {})
         config[section].update(base.get(section, {}))
         config[section].update(overrides.get(section, {}))
     return config

@@ -481,8 +481,15 @@ def nearest_neighbors(
     )
     _validate.one_of("precision", precision, PRECISIONS)
     if precision == BFLOAT16:
-        return knn_bfloat16(
-            queries, keys, k=k, metric=metric, block_size=block_size, key_block_size=key_block_size
+        # The core, not the public knn_bfloat16: the inputs were validated just above.
+        return _knn_bfloat16(
+            queries,
+            keys,
+            k=k,
+            metric=metric,
+            block_size=block_size,
+            key_block_size=key_block_size,
+            extra_candidates=DEFAULT_EXTRA_CANDIDATES,
         )[0]
     plan = block_plan(
         queries.shape[0],
