@@ -352,7 +352,7 @@ def test_handwritten_forms_join_the_atlas_as_fonts():
     from pejax.generators.handwriting import draw_forms
 
     forms = draw_forms("9", 64)
-    assert len(forms) == 3 and all(
+    assert len(forms) == 5 and all(
         f.dtype == bool and f.shape == (64, 64) and f.any() for f in forms
     )
     assert draw_forms("A", 64) == [] and draw_forms("12", 64) == []
@@ -363,10 +363,12 @@ def test_handwritten_forms_join_the_atlas_as_fonts():
         "handwriting:9:0",
         "handwriting:9:1",
         "handwriting:9:2",
+        "handwriting:9:3",
+        "handwriting:9:4",
     )
     assert hand.fonts_for(1) == plain.fonts_for(1)  # not a digit: fonts only
     # The straight-stemmed 9 (form 0) inks the lower right, where a font's curled tail does not reach.
-    first = hand.num_glyphs - len(hand.fonts_for(1)) - 3
+    first = hand.num_glyphs - len(hand.fonts_for(1)) - 5
     base = hand.random(jax.random.key(0), 0, 4)
     upright = base._replace(
         glyph=jnp.full((4,), first, jnp.int32),

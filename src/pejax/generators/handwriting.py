@@ -70,6 +70,15 @@ def _skeletons() -> dict[str, list[list[list[tuple[float, float]]]]]:
         "8": [
             [_arc(0.5, 0.27, 0.22, 0.22, 90, 450, 30), _arc(0.5, 0.72, 0.27, 0.24, -90, 270, 30)],
             [_arc(0.5, 0.26, 0.18, 0.22, 90, 450, 30), _arc(0.5, 0.72, 0.22, 0.24, -90, 270, 30)],
+            # One stroke: over the top loop to the left, down across the waist, round the bottom loop
+            # and back up across the waist to the start.
+            [
+                _arc(0.5, 0.25, 0.2, 0.2, -30, -200, 20)
+                + _arc(0.5, 0.71, 0.26, 0.24, -20, 200, 24)
+                + [(0.68, 0.12)]
+            ],
+            # A small top loop on a large bottom loop.
+            [_arc(0.5, 0.2, 0.15, 0.15, 90, 450, 24), _arc(0.5, 0.66, 0.3, 0.3, -90, 270, 30)],
         ],
         "9": [
             [_arc(0.45, 0.28, 0.25, 0.24, 0, 360, 30), [(0.7, 0.28), (0.7, 0.96)]],
@@ -77,6 +86,13 @@ def _skeletons() -> dict[str, list[list[list[tuple[float, float]]]]]:
             [
                 _arc(0.45, 0.28, 0.25, 0.24, 0, 360, 30),
                 [(0.7, 0.28), (0.66, 0.8), (0.45, 0.96), (0.28, 0.88)],
+            ],
+            # A small flat loop and a straight stem slanting down to the left.
+            [_arc(0.45, 0.22, 0.22, 0.18, 0, 360, 30), [(0.67, 0.22), (0.35, 0.96)]],
+            # A stem that hooks back to the left at the bottom.
+            [
+                _arc(0.5, 0.24, 0.2, 0.19, 0, 360, 30),
+                [(0.7, 0.26), (0.68, 0.66), *_arc(0.5, 0.68, 0.18, 0.28, 0, 150, 12)],
             ],
         ],
     }
