@@ -91,10 +91,22 @@ def main():
     )
     parser.add_argument("--tag", default="digits_coverage")
     args = parser.parse_args()
+    if args.num_random < 1 or args.pools < 1:
+        parser.error(
+            f"--num-random and --pools must be >= 1, got {args.num_random} and {args.pools}."
+        )
+    try:
+        generators = json.loads(args.generators)
+    except json.JSONDecodeError as err:
+        parser.error(
+            f"--generators is not valid JSON ({err}); pass e.g. '{json.dumps(GENERATORS)}'."
+        )
+    if not isinstance(generators, dict) or not generators:
+        parser.error("--generators must be a non-empty JSON object {name: {generator overrides}}.")
     c = DEMO_CONFIG["run"]["classifier_c"]
     train_x, train_y, test_x, test_y = load_data({"source": "digits"})
     rows = []
-    for name, overrides in json.loads(args.generators).items():
+    for name, overrides in generators.items():
         section = {**DEMO_CONFIG["generator"], **overrides}
         generator = build_generator(section, DEMO_CONFIG["pe"]["num_classes"])
         t0 = time.perf_counter()
