@@ -29,6 +29,7 @@ from pejax.embeddings import resize_embedding
 from pejax.experiment import DEMO_CONFIG
 from pejax.experiment import build_generator
 from pejax.experiment import load_data
+from pejax.neighbors import nearest_neighbors
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 # Generators compared by default: the demo's simulator with and without the handwritten forms.
@@ -48,10 +49,11 @@ def nearest_random(generator, key, private, num_random: int, label: int, batch: 
         size = min(batch, num_random - start)
         samples = generator.random(jax.random.fold_in(key, start), label, size)
         emb = np.asarray(resize_embedding(generator.to_images(samples), size=(8, 8)))
-        d = (flat**2).sum(1)[:, None] + (emb**2).sum(1)[None, :] - 2.0 * flat @ emb.T
-        idx = d.argmin(1)
-        closer = d[np.arange(len(flat)), idx] < best_d
-        best_d[closer] = d[np.arange(len(flat)), idx][closer]
+        nearest = nearest_neighbors(flat, emb, k=1)
+        dist = np.asarray(nearest.distances[:, 0])
+        idx = np.asarray(nearest.indices[:, 0])
+        closer = dist < best_d
+        best_d[closer] = dist[closer]
         best[closer] = emb[idx[closer]]
     return best.reshape(private.shape)
 
