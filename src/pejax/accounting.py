@@ -327,6 +327,18 @@ class Release:
         return event if self.count == 1 else dp_accounting.SelfComposedDpEvent(event, self.count)
 
 
+@functools.lru_cache(maxsize=1024)
+def _ledger_epsilon(delta: float, releases: tuple[Release, ...], accountant: str) -> float:
+    """Epsilon of a tuple of (frozen, hashable) releases; cached, since runs ask again after every iteration."""
+    event = dp_accounting.ComposedDpEvent([r.dp_event() for r in releases])
+    return epsilon_of_event(
+        event,
+        delta=delta,
+        accountant=accountant,
+        neighboring_relation=releases[0].neighboring_relation,
+    )
+
+
 class PrivacyLedger:
     """Records every noisy release of a run and reports the privacy spent so far under each accountant.
 
@@ -388,12 +400,7 @@ class PrivacyLedger:
             return 0.0
         if any(r.noise_multiplier == 0 for r in self._releases):
             return math.inf
-        return epsilon_of_event(
-            self.dp_event(),
-            delta=self.delta,
-            accountant=accountant,
-            neighboring_relation=self._releases[0].neighboring_relation,
-        )
+        return _ledger_epsilon(self.delta, tuple(self._releases), accountant)
 
     def supports(self, accountant: str) -> bool:
         """Whether ``accountant`` can compose every recorded release (PLD cannot compose discrete Gaussian
