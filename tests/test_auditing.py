@@ -314,7 +314,16 @@ def _cli(argv):
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):
     # Same shapes and settings as the sample-level tests above, so the compiled runs are reused.
-    common = ["--noise-multiplier", str(SIGMA_ONE), "--k", "16", "--runs", str(RUNS_ONE)]
+    common = [
+        "--target",
+        "kernel",
+        "--noise-multiplier",
+        str(SIGMA_ONE),
+        "--k",
+        "16",
+        "--runs",
+        str(RUNS_ONE),
+    ]
     out = tmp_path / "audit.json"
     assert _cli([*common, "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -323,5 +332,7 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     assert doc["verdict"] == "pass" and math.isfinite(doc["seconds"])
     assert _cli([*common, "--broken", "sensitivity"]) == 3
     assert "VIOLATION" in capsys.readouterr().out
-    assert _cli(["--runs", "200"]) == 2
-    assert _cli(["--epsilon", "1", "--noise-multiplier", "2"]) == 2
+    assert _cli(["--target", "kernel", "--runs", "200"]) == 2
+    assert _cli(["--target", "kernel", "--epsilon", "1", "--noise-multiplier", "2"]) == 2
+    assert _cli(["--noise-multiplier", "2"]) == 2  # the run audit calibrates to --epsilon
+    assert _cli(["--target", "kernel", "--broken", "public_noise_key"]) == 2

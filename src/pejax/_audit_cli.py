@@ -1,4 +1,8 @@
-"""``pejax audit``: empirical privacy audit of the vote-histogram mechanism (or a short PE loop) with canaries.
+"""``pejax audit``: empirical privacy audit with canaries.
+
+``--target run`` (the default) audits the shipped run, ``PrivateEvolution.run`` itself, as a black box
+(:func:`pejax.run_audit.audit_run`); ``--target kernel`` audits the vote-histogram kernels in a re-assembled,
+vmapped loop (:func:`pejax.auditing.audit_mechanism`: faster, for the kernels alone).
 
 Wired into :mod:`pejax.cli` as::
 
@@ -23,6 +27,15 @@ EXIT_USAGE = 2
 EXIT_VIOLATION = 3
 
 BROKEN_CHOICES = ("none", "sensitivity", "no_group_norm", "reused_noise")
+RUN_BROKEN_CHOICES = (
+    "none",
+    "shared_noise_across_classes",
+    "shared_noise_across_iterations",
+    "noise_before_class_mask",
+    "public_noise_key",
+    "continuous_noise",
+)
+KERNEL_ONLY = ("noise_multiplier", "k", "user_level", "num_private", "num_synthetic")
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,6 +49,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """
     from pejax.accounting import ACCOUNTANTS
 
+    parser.add_argument(
+        "--target",
+        choices=("run", "kernel"),
+        default="run",
+        help="run: audit PrivateEvolution.run itself, the shipped code path (default); kernel: the "
+        "vote-histogram kernels in a re-assembled loop (--noise-multiplier, --k, --user-level, ...)",
+    )
     parser.add_argument(
         "--epsilon",
         type=float,
@@ -75,9 +95,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--broken",
-        choices=BROKEN_CHOICES,
+        choices=sorted(set(BROKEN_CHOICES) | set(RUN_BROKEN_CHOICES)),
         default="none",
-        help="audit a deliberately broken mechanism instead of pejax's (to validate the audit)",
+        help="audit a deliberately broken mechanism (kernel: "
+        + ", ".join(BROKEN_CHOICES[1:])
+        + "; run: "
+        + ", ".join(RUN_BROKEN_CHOICES[1:])
+        + ") instead of pejax's, to validate the audit",
     )
     parser.add_argument(
         "--accountant",
@@ -110,10 +134,18 @@ def audit_main(args: argparse.Namespace) -> int:
     Raises:
       ValueError, TypeError: invalid values (from :func:`pejax.auditing.audit_mechanism`).
     """
+    if args.target == "run":
+        return _audit_run_main(args)
     import jax
 
     from pejax import auditing
 
+    if args.broken not in BROKEN_CHOICES:
+        print(
+            f"pejax audit: --broken {args.broken} is a bug of the run; use it with --target run.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if (args.epsilon is None) == (args.noise_multiplier is None):
         print("pejax audit: give exactly one of --epsilon and --noise-multiplier.", file=sys.stderr)
         return EXIT_USAGE
@@ -176,4 +208,51 @@ def audit_main(args: argparse.Namespace) -> int:
     return EXIT_PASS if report.passed else EXIT_VIOLATION
 
 
-__all__ = ["BROKEN_CHOICES", "add_audit_arguments", "audit_main"]
+def _audit_run_main(args: argparse.Namespace) -> int:
+    from pejax import run_audit
+
+    defaults = {
+        "noise_multiplier": None,
+        "k": 1,
+        "user_level": False,
+        "num_private": 64,
+        "num_synthetic": 64,
+    }
+    given = [name for name in KERNEL_ONLY if getattr(args, name) != defaults[name]]
+    if given:
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        print(
+            f"pejax audit: {flags} apply to --target kernel only; the run audit calibrates its noise to "
+            "--epsilon like a real run.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.broken not in RUN_BROKEN_CHOICES:
+        print(
+            f"pejax audit: --broken {args.broken} is a kernel bug; use it with --target kernel.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    epsilon = 1.0 if args.epsilon is None else args.epsilon
+    iterations = max(args.iterations, 2)
+    report = run_audit.audit_run(
+        runner="correct" if args.broken == "none" else args.broken,
+        epsilon=epsilon,
+        delta=args.delta,
+        iterations=iterations,
+        runs=args.runs,
+        confidence=args.confidence,
+        seed=args.seed,
+    )
+    print(report.summary())
+    print(f"time: {report.seconds:.1f} s ({2 * args.runs} runs of PrivateEvolution.run)")
+    if args.out is not None:
+        doc = report.to_dict()
+        doc["settings"] = {"target": "run", "epsilon": epsilon, "iterations": iterations}
+        path = pathlib.Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return EXIT_PASS if report.passed else EXIT_VIOLATION
+
+
+__all__ = ["BROKEN_CHOICES", "RUN_BROKEN_CHOICES", "add_audit_arguments", "audit_main"]

@@ -205,8 +205,18 @@ def allocate(total: int, proportions: Sequence[float], minimum: int) -> tuple[in
     return tuple(int(b) + minimum for b in base)
 
 
-def check_private_data(images, labels, num_classes: int, group_ids=None, modality: str = "image"):
+def check_private_data(
+    images,
+    labels,
+    num_classes: int,
+    group_ids=None,
+    modality: str = "image",
+    require_every_class: bool = True,
+):
     """Validates private data and labels (n,) in [0, num_classes).
+
+    ``require_every_class=False`` skips the check that every class has samples (a process of a multi-host run
+    may hold none of a class; the runner then checks the counts over all processes).
 
     Images: (n, H, W, C) float in [0, 1]. Text (``modality="text"``): (n, L) uint8 UTF-8 bytes, zero-padded
     (see :mod:`pejax.generators.text_codec`).
@@ -248,13 +258,8 @@ def check_private_data(images, labels, num_classes: int, group_ids=None, modalit
             f"private labels must lie in [0, {num_classes}) for pe.num_classes={num_classes}, got values in "
             f"[{labels.min()}, {labels.max()}]. Fix the labels or pe.num_classes."
         )
-    counts = np.bincount(labels, minlength=num_classes)
-    empty = np.flatnonzero(counts == 0).tolist()
-    if empty:
-        raise ValueError(
-            f"class(es) {empty} have no private samples; their synthetic data would be pure noise. Remove "
-            "them (relabel to 0..C-1 and lower pe.num_classes) or add private samples."
-        )
+    if require_every_class:
+        _check_every_class(np.bincount(labels, minlength=num_classes))
     if group_ids is not None:
         group_ids = np.asarray(group_ids)
         if group_ids.shape != labels.shape or not np.issubdtype(group_ids.dtype, np.integer):
@@ -265,6 +270,15 @@ def check_private_data(images, labels, num_classes: int, group_ids=None, modalit
     if modality == "image":
         images = images.astype(np.float32)
     return images, labels.astype(np.int32), group_ids
+
+
+def _check_every_class(counts: np.ndarray) -> None:
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(
+            f"class(es) {empty} have no private samples; their synthetic data would be pure noise. Remove "
+            "them (relabel to 0..C-1 and lower pe.num_classes) or add private samples."
+        )
 
 
 def _gather_rows(rows: np.ndarray) -> np.ndarray:
@@ -363,6 +377,7 @@ class PrivateEvolution:
         self.callbacks = tuple(callbacks)
         self.progress = progress
         self.mesh = mesh
+        self._noise_plans: dict[float, tuple[float, float | None]] = {}
         if mesh is not None:
             from pejax.neighbors import check_matmul_precision
 
@@ -495,8 +510,12 @@ class PrivateEvolution:
         return delta, rule
 
     def _plan(self, n: int) -> _Plan:
+        """The plan for n units; calibration is repeated only for a new delta (it depends on n at most
+        through delta, and under add/remove not at all)."""
         delta, rule = self._delta(n)
-        sigma, sigma_counts = self.plan_noise(delta)
+        if delta not in self._noise_plans:
+            self._noise_plans[delta] = self.plan_noise(delta)
+        sigma, sigma_counts = self._noise_plans[delta]
         return _Plan(delta, rule, sigma, sigma_counts, self.neighboring_relation)
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -590,9 +609,12 @@ class PrivateEvolution:
         embeddings, groups = [], []
         for y in range(self.pe.num_classes):
             mask = labels == y
-            embeddings.append(
-                self._embed(jnp.asarray(images[mask]), f"private images of class {y}")
-            )
+            if mask.any():
+                emb = self._embed(jnp.asarray(images[mask]), f"private images of class {y}")
+            else:  # this process of a multi-host run holds none of class y: (0, D), D from a public sample
+                probe = self.generator.render(self.generator.random(jax.random.key(0), y, 1))
+                emb = self._embed(probe, "a probe sample")[:0]
+            embeddings.append(emb)
             groups.append(None if group_ids is None else np.asarray(group_ids)[mask])
         return _Private(embeddings, groups, labels, group_ids)
 
@@ -686,6 +708,7 @@ class PrivateEvolution:
             )
         images, labels, group_ids = self._check_inputs(private_images, private_labels, group_ids)
         counts = self._global_counts(labels, group_ids)
+        _check_every_class(counts)
         plan = self._plan(int(counts.sum()))
         fingerprint = self._fingerprint(key)
         progress = self._resume_or_start(
@@ -728,6 +751,7 @@ class PrivateEvolution:
             self.pe.num_classes,
             group_ids,
             modality=self.generator.modality,
+            require_every_class=False,
         )
         if group_ids is not None:
             # Per-class histograms compose in parallel only if a user's samples all lie in one class; a user
