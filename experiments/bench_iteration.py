@@ -68,7 +68,7 @@ def main():
         generator=GlyphSimulator(image_size=16),
         embedding=lambda x: resize_embedding(x, size=(8, 8)),
         pe=pe,
-        privacy=PrivacyConfig(epsilon=1.0),
+        privacy=PrivacyConfig(epsilon=1.0, max_private_samples=1797),
         callbacks=[record],
     )
     runner.run(jax.random.key(0), split.train_images, split.train_labels)

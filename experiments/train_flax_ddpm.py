@@ -351,9 +351,16 @@ def main(argv=None):
     print("random-only accuracy", random_only, flush=True)
 
     # (b), (c), (d): PE runs, one per seed.
-    settings = [(f"{eps:g}", PrivacyConfig(epsilon=eps)) for eps in args.epsilons]
+    settings = [
+        (f"{eps:g}", PrivacyConfig(epsilon=eps, max_private_samples=1797)) for eps in args.epsilons
+    ]
     if args.no_noise_run:
-        settings.append(("inf (no noise)", PrivacyConfig(epsilon=None, noise_multiplier=0.0)))
+        settings.append(
+            (
+                "inf (no noise)",
+                PrivacyConfig(epsilon=None, noise_multiplier=0.0, max_private_samples=1797),
+            )
+        )
     pe_runs = {name: [] for name, _ in settings}
     for name, privacy in settings:
         for seed in args.pe_seeds:

@@ -14,7 +14,9 @@ from pejax.config import SpeedConfig
 from pejax.mechanism import AllZeroHistogramWarning
 from pejax.mechanism import PejaxWarning
 from pejax.mechanism import Selection
+from pejax.mechanism import add_discrete_gaussian_noise
 from pejax.mechanism import add_gaussian_noise
+from pejax.mechanism import release_lattice_votes
 from pejax.mechanism import select
 from pejax.mechanism import select_parents
 from pejax.mechanism import threshold
@@ -23,8 +25,11 @@ from pejax.neighbors import nearest_neighbors
 from pejax.runner import IterationInfo
 from pejax.runner import PrivateEvolution
 from pejax.runner import RunResult
+from pejax.secure_noise import NoiseKey
 from pejax.votes import HISTOGRAM_SENSITIVITY
+from pejax.votes import LatticeVotes
 from pejax.votes import histogram_sensitivity
+from pejax.votes import lattice_vote_histogram
 from pejax.votes import vote_histogram
 
 __version__ = "0.1.0"
@@ -34,7 +39,9 @@ __all__ = [
     "AllZeroHistogramWarning",
     "BudgetExceededError",
     "IterationInfo",
+    "LatticeVotes",
     "Neighbors",
+    "NoiseKey",
     "PEConfig",
     "PejaxWarning",
     "PrivacyConfig",
@@ -45,9 +52,12 @@ __all__ = [
     "Selection",
     "SpeedConfig",
     "accounting",
+    "add_discrete_gaussian_noise",
     "add_gaussian_noise",
     "histogram_sensitivity",
+    "lattice_vote_histogram",
     "nearest_neighbors",
+    "release_lattice_votes",
     "select",
     "select_parents",
     "threshold",

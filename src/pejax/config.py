@@ -28,7 +28,8 @@ class PrivacyConfig:
     Attributes:
       epsilon: target epsilon (> 0). Alone, the noise is calibrated to it; with ``noise_multiplier``, it is a
         budget that the run refuses to exceed. ``None``: no budget (``noise_multiplier`` required).
-      delta: target delta in (0, 1); ``None`` means ``1 / (n ln n)`` for n private samples.
+      delta: target delta in (0, 1). ``None``: ``1 / (N ln N)`` for the public bound ``max_private_samples`` N
+        (add/remove adjacency), or ``1 / (n ln n)`` for the public n (replace-one); never from a private n.
       noise_multiplier: fixed noise multiplier of the vote histograms; 0 means no privacy at all (for
         experiments only: the report then says epsilon = inf).
       accountant: accountant used to calibrate and to enforce the budget: ``"pld"`` (exact for the discrete
