@@ -441,7 +441,7 @@ def test_pe_run_two_iterations_through_the_adapter(gen):
         generator=gen,
         embedding=get_embedding("resize", size=(8, 8), channels=1),
         pe=pe,
-        privacy=PrivacyConfig(epsilon=2.0),
+        privacy=PrivacyConfig(epsilon=2.0, delta=1e-4),
     )
     result = runner.run(jax.random.key(0), images, labels)
     assert result.images.shape == (24, SIZE, SIZE, 1)

@@ -50,7 +50,13 @@ def _resume_and_match(config, out, ref):
 def unbroken(tmp_path_factory):
     base = tmp_path_factory.mktemp("ft")
     config = base / "small.toml"
-    config.write_text(SMALL.replace("iterations = 2", "iterations = 3"))
+    # Reproducible noise (privacy.noise_seed), so that separate processes can be compared: the default secret
+    # noise key is restored from the checkpoint on resume (tests/test_privacy_attacks.py checks that path).
+    config.write_text(
+        SMALL.replace("iterations = 2", "iterations = 3").replace(
+            "max_private_samples = 1797", "max_private_samples = 1797\nnoise_seed = 1"
+        )
+    )
     out = base / "unbroken"
     t0 = time.monotonic()
     proc = _run(config, out)

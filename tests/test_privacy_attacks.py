@@ -325,3 +325,22 @@ def test_cli_outputs_keep_the_key_secret_and_same_seed_runs_differ(tmp_path, cap
     assert (
         "NOT a differentially private" in Image.open(tmp_path / "c" / "samples.png").text["Comment"]
     )
+
+
+def test_killed_and_resumed_secret_key_run_equals_its_unbroken_run(tmp_path):
+    """With the default secret key: the key is restored from the private checkpoint, so the resumed run releases
+    exactly what the unbroken run with that key releases."""
+    x, y = private_data()
+    runner = PrivateEvolution(
+        generator=ToyGenerator(), embedding=flat, pe=PE, privacy=SECRET, checkpoint_dir=tmp_path
+    )
+    runner.run(jax.random.key(4), x, y, stop_after=1)
+    secret = ckpt.latest_valid_checkpoint(tmp_path)[2]["noise_key"]
+    resumed = runner.run(jax.random.key(4), x, y, resume=True)
+    unbroken = PrivateEvolution(
+        generator=ToyGenerator(), embedding=flat, pe=PE, privacy=SECRET
+    ).run(jax.random.key(4), x, y, noise_key=pejax.NoiseKey.import_secret(secret))
+    np.testing.assert_array_equal(np.asarray(resumed.images), np.asarray(unbroken.images))
+    assert resumed.ledger == unbroken.ledger and resumed.dp_release
+    with pytest.raises(pejax.runner.CheckpointMismatchError, match="another noise key"):
+        runner.run(jax.random.key(4), x, y, resume=True, noise_key=pejax.NoiseKey.generate())

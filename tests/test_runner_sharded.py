@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     pe = PEConfig(num_classes=3, samples_per_iteration=24, iterations=2, k=2, lookahead_degree=1)
     def run(mesh):
         r = PrivateEvolution(generator=ToyGenerator(), embedding=flat, pe=pe,
-                             privacy=PrivacyConfig(epsilon=2.0), mesh=mesh)
+                             privacy=PrivacyConfig(epsilon=2.0, delta=1e-4, noise_seed=0), mesh=mesh)
         return r.run(jax.random.key(0), x, y)
     a = run(None)
     b = run(jax.make_mesh((8,), ("data",)))

@@ -44,11 +44,13 @@ def _demo(args) -> int:
     config["run"]["seed"] = args.seed
     if args.epsilon is not None:
         if math.isinf(args.epsilon):
-            config["privacy"] = {"epsilon": None, "noise_multiplier": 0.0}
+            config["privacy"].update({"epsilon": None, "noise_multiplier": 0.0})
         else:
             config["privacy"]["epsilon"] = args.epsilon
     if args.iterations is not None:
         config["pe"]["iterations"] = args.iterations
+    if args.noise_seed is not None:
+        config["privacy"]["noise_seed"] = args.noise_seed
     run_experiment(config, args.out, resume=args.resume, progress=not args.no_progress)
     return 0
 
@@ -77,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epsilon", type=float, default=None, help="default 1; inf = no noise")
     demo.add_argument("--iterations", type=int, default=None)
+    demo.add_argument(
+        "--noise-seed",
+        type=int,
+        default=None,
+        help="reproducible noise for research: the run is then NOT a differentially private release",
+    )
     demo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(fn=_demo)
