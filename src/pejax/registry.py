@@ -169,6 +169,12 @@ def register(
     return wrap
 
 
+def unregister(registry: str, name: str) -> None:
+    """Removes component ``name`` from ``registry`` (for plugins and tests); unknown names are refused."""
+    get(registry, name)
+    del _REGISTRY[registry][name]
+
+
 def names(registry: str) -> tuple[str, ...]:
     """The registered names of ``registry``, in registration order."""
     _validate.one_of("registry", registry, REGISTRIES)
@@ -1053,5 +1059,6 @@ __all__ = [
     "register",
     "split_kind",
     "text",
+    "unregister",
     "update_readme",
 ]
