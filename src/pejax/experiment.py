@@ -222,7 +222,7 @@ def _evaluator(ev_section, data, embedding, emb_label, classifier_c):
     return evaluate, label
 
 
-def _write_outputs(out: pathlib.Path, result, data, class_names, generator) -> list[str]:
+def _write_outputs(out: pathlib.Path, result, data, class_names) -> list[str]:
     if data.modality == "text":
         from pejax.generators.text_codec import decode_texts
 
@@ -338,7 +338,7 @@ def run_experiment(
     result = runner.run(jax.random.key(seed), data.samples, data.labels, **run_kw)
     wall = time.perf_counter() - t0
 
-    written = _write_outputs(out, result, data, class_names, generator)
+    written = _write_outputs(out, result, data, class_names)
     eps = result.ledger.epsilons()
     unit = "user" if privacy.user_level else "sample"
     report = {
