@@ -328,3 +328,16 @@ def test_private_stream_is_checked(tmp_path):
     np.save(path, np.zeros((5, 3), np.int32))
     with pytest.raises(ValueError, match="2-D float array"):
         check_private_stream(str(path), 5)
+
+
+def test_builder_errors_name_the_table_and_the_component(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^\[generator\] \(generator 'glyphs'\): image_size must be"
+    ):
+        build_generator({"kind": "glyphs", "image_size": 2}, 2)
+    with pytest.raises(FileNotFoundError, match=r"^\[data\] \(data 'folder'\): "):
+        load_dataset({"source": "folder", "path": str(tmp_path / "nowhere")})
+    with pytest.raises(
+        ValueError, match=r"config section \[generator\] must be a table of keys, e\.g\. kind"
+    ):
+        build_generator("glyphs", 2)

@@ -68,8 +68,7 @@ class OutputFolderError(ValueError):
 
 def load_dataset(section: dict | None) -> registry.Dataset:
     """Builds the ``[data]`` table's source (default ``"digits"``) through the data registry."""
-    comp, rest = registry.split_kind("data", section, "[data]")
-    return comp.builder(registry.options(comp, rest, "[data]"), None)
+    return registry.build("data", section, None, "[data]")
 
 
 def load_data(section: dict | None):
@@ -88,8 +87,7 @@ def build_generator(
     """Builds the ``[generator]`` table's kind (default ``"glyphs"``) through the generator registry."""
     if ctx is None:
         ctx = registry.BuildContext(num_classes, _numbered(num_classes), (), "image")
-    comp, rest = registry.split_kind("generator", section, "[generator]")
-    return comp.builder(registry.options(comp, rest, "[generator]"), ctx)
+    return registry.build("generator", section, ctx, "[generator]")
 
 
 def build_embedding(
@@ -99,14 +97,14 @@ def build_embedding(
     section = dict(section or {})
     if "name" not in section and modality == "text":
         section["name"] = "sentence"
-    comp, rest = registry.split_kind("embedding", section, where)
+    comp, _ = registry.split_kind("embedding", section, where)
     if comp.modality is not None and comp.modality != modality:
         raise ValueError(
             f"embedding {comp.name!r} ({where}) embeds {comp.modality}s but the data are {modality}s; "
             f"choose one of {[c for c in registry.names('embedding') if registry.get('embedding', c).modality in (None, modality)]}."
         )
     ctx = registry.BuildContext(0, (), tuple(private_shape), modality)
-    return comp.builder(registry.options(comp, rest, where), ctx)
+    return registry.build("embedding", section, ctx, where)
 
 
 def build_mesh(devices):

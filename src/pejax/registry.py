@@ -2,14 +2,10 @@
 
 Four registries, one per config table that picks a component by name:
 
-=============  ==================  ==============================================================
-registry       config key          builds
-=============  ==================  ==============================================================
-``generator``  ``[generator] kind``  a :class:`pejax.generators.Generator`
-``embedding``  ``[embedding] name``  an embedding function (also ``[evaluation.embedding]``)
-``data``       ``[data] source``     a :class:`Dataset` (private training data, optional test split)
-``metric``     ``[evaluation] metrics``  an evaluation metric on the held-out test split
-=============  ==================  ==============================================================
+* ``generator``: ``[generator] kind = ...`` builds a :class:`pejax.generators.Generator`;
+* ``embedding``: ``[embedding] name = ...`` (and ``[evaluation.embedding]``) builds an embedding function;
+* ``data``: ``[data] source = ...`` builds a :class:`Dataset` (private data, optional held-out split, user ids);
+* ``metric``: ``[evaluation] metrics = [...]`` builds evaluation metrics on the held-out split.
 
 Every other key of the table is an option of the chosen component. Options are declared with their defaults and
 a one-line doc, so unknown keys are refused with a did-you-mean hint, missing required ones are named, and
@@ -217,12 +213,37 @@ def options(component: Component, values: dict | None, where: str) -> dict[str, 
 
 def split_kind(registry: str, section: dict | None, where: str) -> tuple[Component, dict[str, Any]]:
     """Picks the component a config table names and returns it with the table's other keys (unchecked)."""
-    section = dict(section or {})
-    if not isinstance(section, dict):  # pragma: no cover - dict() above raises first
-        raise ValueError(f"config section {where} must be a table.")
     key = KIND_KEYS[registry]
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(
+            f"config section {where} must be a table of keys, e.g. {key} = {DEFAULTS[registry]!r}, got "
+            f"{section!r}."
+        )
+    section = dict(section or {})
     name = section.pop(key, DEFAULTS[registry])
     return get(registry, name), section
+
+
+def build(registry: str, section: dict | None, ctx: Any, where: str) -> Any:
+    """Builds the component a config table names: kind, checked options (defaults filled), then its builder.
+
+    Errors the builder raises (``ValueError``, ``TypeError``, ``FileNotFoundError``, ``KeyError``) are re-raised
+    with the table and the component named in front of the message.
+    """
+    comp, rest = split_kind(registry, section, where)
+    opts = options(comp, rest, where)
+    try:
+        return comp.builder(opts, ctx)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        prefix = f"{where} ({registry} {comp.name!r}): "
+        msg = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+        if msg.startswith(prefix):
+            raise
+        try:
+            new = type(e)(prefix + msg)
+        except Exception:  # an exception class with another constructor: keep it as it is
+            raise e from None
+        raise new from e
 
 
 # ------------------------------------------------------------------------------------------------- context
@@ -854,7 +875,12 @@ def embedding_accuracy(train_emb, train_labels, test_emb, test_labels, C: float)
     classes = np.unique(train_labels)
     if classes.size == 1:
         return float(np.mean(test_labels == classes[0]))
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as e:
+        raise ImportError(
+            "the 'accuracy' metric needs scikit-learn, which is not installed: pip install 'pejax[demo]'."
+        ) from e
 
     clf = LogisticRegression(C=C, max_iter=1000).fit(train_emb, train_labels)
     return float(clf.score(test_emb, test_labels))
@@ -1048,6 +1074,7 @@ __all__ = [
     "Dataset",
     "EvalContext",
     "Option",
+    "build",
     "class_prompts",
     "describe",
     "embedding_accuracy",
