@@ -341,3 +341,42 @@ def test_builder_errors_name_the_table_and_the_component(tmp_path):
         ValueError, match=r"config section \[generator\] must be a table of keys, e\.g\. kind"
     ):
         build_generator("glyphs", 2)
+
+
+@pytest.mark.parametrize(
+    "blocked,generator,extra",
+    [
+        (("torch", "diffusers"), '{kind = "diffusers", path = "p"}', "diffusers"),
+        (
+            ("torch", "transformers"),
+            '{kind = "causal-lm", path = "p", prompts = ["a", "b"]}',
+            "text",
+        ),
+        (("flax",), '{kind = "flax-ddpm", path = "p"}', "flax"),
+    ],
+)
+def test_a_missing_extra_names_it(tmp_path, blocked, generator, extra):
+    data = 'data = {source = "text", path = "t.jsonl"}' if extra == "text" else ""
+    if extra == "text":
+        (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    (tmp_path / "c.toml").write_text(
+        f"generator = {generator}\n{data}\n[pe]\nnum_classes = {2 if extra == 'text' else 10}\n"
+        "samples_per_iteration = 40\n"
+    )
+    # A finder that refuses the blocked packages, as if they were not installed.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from pejax.cli import main\n"
+        "sys.exit(main(['run', 'c.toml', '--out', 'o']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"pip install 'pejax[{extra}]'" in out.stderr
+    assert not (tmp_path / "o").exists()
