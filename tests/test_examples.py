@@ -533,3 +533,50 @@ def test_text_example_writes_synthetic_jsonl(tmp_path):
     assert [x["label"] for x in lines] == [0, 0, 0, 1, 1, 1]
     assert [x["class_name"] for x in lines] == ["animals"] * 3 + ["weather"] * 3
     assert all(isinstance(x["text"], str) and len(x["text"].encode()) <= 96 for x in lines)
+
+
+@pytest.mark.slow
+def test_speed_devices_shards_the_votes_over_a_mesh(tmp_path):
+    """`speed.devices = 4` and `= [2, 2]` on 4 virtual CPU devices give the single-device images, bit for bit."""
+    import subprocess
+    import sys
+
+    sizes = [
+        "pe.samples_per_iteration=60",
+        "pe.iterations=1",
+        "pe.lookahead_degree=1",
+        "pe.final_samples_per_class=4",
+        "run.evaluate=false",
+    ]
+    code = (
+        "import sys, jax\n"
+        "from pejax.cli import main\n"
+        "assert jax.device_count() == 4, jax.devices()\n"
+        f"sizes = {sizes!r}\n"
+        "for out, extra in [('one', []), ('flat', ['speed.devices=4']), ('grid', ['speed.devices=[2, 2]'])]:\n"
+        f"    args = ['run', {str(EXAMPLES / 'digits.toml')!r}, '--out', out, '--no-progress']\n"
+        "    for s in sizes + extra:\n"
+        "        args += ['--set', s]\n"
+        "    assert main(args) == 0\n"
+    )
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = _synthetic(tmp_path / "one")
+    for name, devices in (("flat", 4), ("grid", [2, 2])):
+        images, labels = _synthetic(tmp_path / name)
+        np.testing.assert_array_equal(images, one[0])
+        np.testing.assert_array_equal(labels, one[1])
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["config"]["speed"]["devices"] == devices
