@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import dp_accounting
@@ -180,3 +181,85 @@ def test_release_validation():
     assert np.isinf(
         PrivacyLedger(delta=1e-5, releases=[Release(iteration=1, noise_multiplier=0.0)]).epsilon()
     )
+
+
+# ---- the discrete Gaussian releases of PE runs
+
+
+@pytest.mark.parametrize("sigma,units,count", [(3.11, 1, 10), (7.5, 2, 5), (1.2, 4, 3)])
+def test_discrete_gaussian_pld_is_dp_accountings_own(sigma, units, count):
+    """The ledger's PLD of a discrete Gaussian release equals dp-accounting's from_discrete_gaussian_mechanism,
+    self-composed over the unit changes and releases, computed directly here."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    release = Release(
+        iteration=1,
+        noise_multiplier=sigma / np.sqrt(units),
+        sensitivity=np.sqrt(units),
+        mechanism="discrete_gaussian",
+        unit_changes=units,
+        count=count,
+    )
+    ledger = PrivacyLedger(delta=1e-5, releases=[release])
+    lattice_sigma = release.noise_multiplier * release.sensitivity  # sigma, up to float rounding
+    direct = pld.from_discrete_gaussian_mechanism(lattice_sigma, value_discretization_interval=1e-4)
+    expected = direct.self_compose(units * count).get_epsilon_for_delta(1e-5)
+    assert ledger.epsilon("pld") == pytest.approx(expected, rel=1e-9)
+    # RDP: the zCDP guarantee rho = units / (2 sigma^2) per release, as dp-accounting's ZCDpEvent.
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(dp_accounting.ZCDpEvent(rho=units / (2 * lattice_sigma**2)), count)
+    assert ledger.epsilon("rdp") == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_discrete_gaussian_is_close_to_the_gaussian_above_sigma_one_and_differs_below():
+    def eps(sigma, mechanism):
+        kw = dict(unit_changes=1) if mechanism == "discrete_gaussian" else {}
+        r = Release(iteration=1, noise_multiplier=sigma, mechanism=mechanism, count=10, **kw)
+        return PrivacyLedger(delta=1e-5, releases=[r]).epsilon("pld")
+
+    assert eps(7.07, "discrete_gaussian") == pytest.approx(eps(7.07, "gaussian"), rel=2e-3)
+    assert abs(eps(0.3, "discrete_gaussian") - eps(0.3, "gaussian")) > 0.05 * eps(0.3, "gaussian")
+
+
+def test_user_level_discrete_gaussian_is_rdp_only():
+    r = Release(
+        iteration=1,
+        noise_multiplier=3.0,
+        sensitivity=2.0**16,
+        neighboring_relation="add_or_remove_one_group",
+        mechanism="discrete_gaussian",
+    )
+    ledger = PrivacyLedger(delta=1e-5, releases=[r])
+    assert set(ledger.epsilons()) == {"rdp", "gaussian"}
+    with pytest.raises(dp_accounting.UnsupportedEventError, match="use accountant='rdp'"):
+        ledger.epsilon("pld")
+    # zCDP of sigma / sensitivity = 3: the same RDP epsilon as a Gaussian of multiplier 3.
+    gauss = PrivacyLedger(delta=1e-5, releases=[Release(iteration=1, noise_multiplier=3.0)])
+    assert ledger.epsilon("rdp") == pytest.approx(gauss.epsilon("rdp"), rel=1e-9)
+
+
+def test_replace_one_is_told_to_dp_accounting_and_mixing_is_refused():
+    r = Release(
+        iteration=1,
+        noise_multiplier=3.0 / np.sqrt(2),
+        sensitivity=np.sqrt(2),
+        neighboring_relation="replace_one_sample",
+        mechanism="discrete_gaussian",
+        unit_changes=2,
+    )
+    ledger = PrivacyLedger(delta=1e-5, releases=[r])
+    add = Release(iteration=1, noise_multiplier=3.0, mechanism="discrete_gaussian", unit_changes=1)
+    assert ledger.epsilon("pld") > PrivacyLedger(delta=1e-5, releases=[add]).epsilon("pld")
+    with pytest.raises(ValueError, match="one kind of neighbouring relation"):
+        ledger.record(dataclasses.replace(add, iteration=2))
+
+
+def test_discrete_release_validation():
+    with pytest.raises(ValueError, match="only meaningful for mechanism='discrete_gaussian'"):
+        Release(iteration=1, noise_multiplier=1.0, unit_changes=1)
+    with pytest.raises(ValueError, match=r"has L2 sensitivity sqrt\(4\)"):
+        Release(iteration=1, noise_multiplier=1.0, mechanism="discrete_gaussian", unit_changes=4)
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        Release(iteration=1, noise_multiplier=1.0, mechanism="laplace")
+    with pytest.raises(ValueError, match="neighboring_relation must be one of"):
+        Release(iteration=1, noise_multiplier=1.0, neighboring_relation="swap")

@@ -17,6 +17,7 @@ kind = "glyphs"
 image_size = 16
 [privacy]
 epsilon = 2.0
+max_private_samples = 1797
 [pe]
 num_classes = 10
 samples_per_iteration = 100

@@ -102,9 +102,14 @@ def test_digits_example_runs_and_a_one_device_mesh_votes_the_same(tmp_path):
         "pe.iterations=1",
         "pe.lookahead_degree=1",
         "pe.final_samples_per_class=6",
+        # Reproducible noise (NOT a DP release, and every output says so), so that two runs can be compared.
+        "privacy.noise_seed=0",
     )
     report = _run("digits.toml", tmp_path / "a", *sizes)
     _check_releases(report, 1)
+    assert report["privacy"]["differentially_private"] is False and "NOT" in report["WARNING"]
+    with np.load(tmp_path / "a" / "synthetic.npz", allow_pickle=False) as d:
+        assert "NOT a differentially private release" in str(d["notice"])
     assert report["modality"] == "image" and report["num_synthetic"] == 60
     assert set(report["final_metrics"]) == {"test_accuracy", "frechet_distance"}
     meshed = _run("digits.toml", tmp_path / "b", *sizes, "speed.devices=1")
@@ -145,11 +150,14 @@ def test_user_level_npz_example_matches_the_library_call(tmp_path):
         "pe.iterations=1",
         "pe.lookahead_degree=1",
         "pe.final_samples_per_class=5",
+        "privacy.noise_seed=0",  # reproducible noise, to compare with the library call below
     )
     report = _run("user_level_npz.toml", tmp_path / "out", *sizes)
     _check_releases(report, 1, NEIGHBORING_RELATION_GROUP)
-    assert report["privacy"]["unit_of_privacy"] == "user"
-    assert report["num_users"] == len(np.unique(users)) < n
+    assert (
+        report["privacy"]["unit_of_privacy"] == "user" and report["privacy"]["accountant"] == "rdp"
+    )
+    assert len(np.unique(users)) < n
     cli_images, cli_labels = _synthetic(tmp_path / "out")
 
     # Reference: the same run written as Python against the library.
@@ -167,7 +175,7 @@ def test_user_level_npz_example_matches_the_library_call(tmp_path):
         ),
         embedding=get_embedding("resize", size=(8, 8), channels=1),
         pe=PEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pe.items()}),
-        privacy=PrivacyConfig(epsilon=1.0, user_level=True),
+        privacy=PrivacyConfig(**config["privacy"], noise_seed=0),
     )
     private = load_npz(tmp_path / "users.npz")  # the private images as the data loader reads them
     result = runner.run(jax.random.key(0), private.images, private.labels, group_ids=users)
@@ -304,6 +312,7 @@ def test_cifar10_diffusers_example_matches_the_library_call(tmp_path, clip_path)
         "pe.samples_per_iteration=12",
         "pe.iterations=2",
         "pe.final_samples_per_class=3",
+        "privacy.noise_seed=0",  # reproducible noise, to compare with the library call below
     )
     _check_releases(report, 2)
     assert report["config"]["generator_name"] == "diffusers:DDIMPipeline:ddim"
@@ -334,7 +343,7 @@ def test_cifar10_diffusers_example_matches_the_library_call(tmp_path, clip_path)
         ),
         embedding=embed,
         pe=PEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pe.items()}),
-        privacy=PrivacyConfig(epsilon=1.0),
+        privacy=PrivacyConfig(**config["privacy"], noise_seed=0),
     )
     result = runner.run(jax.random.key(0), data.images, data.labels)
     ref = np.clip(np.rint(np.asarray(result.images) * 255), 0, 255).astype(np.uint8)
@@ -532,6 +541,8 @@ def test_text_example_writes_synthetic_jsonl(tmp_path):
     lines = [json.loads(x) for x in (out / "synthetic.jsonl").read_text().splitlines()]
     assert [x["label"] for x in lines] == [0, 0, 0, 1, 1, 1]
     assert [x["class_name"] for x in lines] == ["animals"] * 3 + ["weather"] * 3
+    assert report["privacy"]["differentially_private"] is True and "WARNING" not in report
+    assert all("notice" not in x for x in lines)
     assert all(isinstance(x["text"], str) and len(x["text"].encode()) <= 96 for x in lines)
 
 
@@ -547,6 +558,7 @@ def test_speed_devices_shards_the_votes_over_a_mesh(tmp_path):
         "pe.lookahead_degree=1",
         "pe.final_samples_per_class=4",
         "run.evaluate=false",
+        "privacy.noise_seed=0",  # reproducible noise, so that the three runs can be compared
     ]
     code = (
         "import sys, jax\n"

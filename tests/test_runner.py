@@ -31,7 +31,9 @@ PE = PEConfig(
     final_samples_per_class=6,
     degrees=(0.8, 0.2),
 )
-PRIV = PrivacyConfig(epsilon=2.0)
+# Reproducible noise (privacy.noise_seed) so that equality tests can compare runs; the secret-key default is
+# tested in tests/test_privacy_attacks.py.
+PRIV = PrivacyConfig(epsilon=2.0, delta=1e-4, noise_seed=0)
 
 
 def make(tmp_path=None, pe=PE, privacy=PRIV, generator=None, **kw):
@@ -63,8 +65,9 @@ def test_run_shapes_ledger_and_budget():
     assert eps["pld"] <= 2.0 and eps["pld"] == pytest.approx(2.0, rel=1e-3)
     assert eps["rdp"] > eps["pld"]
     assert sum(r.class_sizes) == 24 and min(r.class_sizes) >= PE.min_samples_per_class
-    n = 75
-    assert r.ledger.delta == pytest.approx(1 / (n * math.log(n)))
+    assert r.ledger.delta == 1e-4 and r.delta_rule == "given"
+    assert not r.dp_release  # noise_seed: reproducible noise is not a DP release
+    assert {x.mechanism for x in releases} == {"discrete_gaussian"}
     assert len(r.history) == 4 and r.history[1]["stats"]["noise_multiplier"] == r.noise_multiplier
 
 
@@ -112,6 +115,9 @@ def test_checkpoints_hold_no_private_data(tmp_path):
             "history",
             "fingerprint",
             "noise_multiplier",
+            "noise_key",
+            "noise_key_reproducible",
+            "data_digest",
         }
         blob = b"".join(a.tobytes() for a in arrays.values())
         # No private row (as float32 bytes) appears anywhere in the checkpoint.
@@ -120,7 +126,11 @@ def test_checkpoints_hold_no_private_data(tmp_path):
 
 
 def test_public_class_proportions_spend_nothing_on_counts():
-    r = run(privacy=PrivacyConfig(epsilon=2.0, class_proportions=(0.5, 0.25, 0.25)))
+    r = run(
+        privacy=PrivacyConfig(
+            epsilon=2.0, delta=1e-4, noise_seed=0, class_proportions=(0.5, 0.25, 0.25)
+        )
+    )
     assert [x.description for x in r.ledger.releases] == ["vote histogram"] * 3
     assert r.class_sizes == (10, 7, 7)  # 4 each, the other 12 split 6:3:3
     assert r.ledger.epsilon("pld") == pytest.approx(2.0, rel=1e-3)
@@ -129,24 +139,29 @@ def test_public_class_proportions_spend_nothing_on_counts():
 def test_budget_exceeded_is_refused_before_any_generation():
     gen = ToyGenerator()
     with pytest.raises(pejax.BudgetExceededError, match=r"above the target epsilon=0\.5"):
-        run(generator=gen, privacy=PrivacyConfig(epsilon=0.5, noise_multiplier=2.0))
+        run(
+            generator=gen,
+            privacy=PrivacyConfig(epsilon=0.5, delta=1e-4, noise_seed=0, noise_multiplier=2.0),
+        )
     assert gen.calls["random"] == 0
 
 
 def test_noise_multiplier_zero_is_not_private_but_runs():
-    r = run(privacy=PrivacyConfig(epsilon=None, noise_multiplier=0.0))
+    r = run(privacy=PrivacyConfig(epsilon=None, delta=1e-4, noise_seed=0, noise_multiplier=0.0))
     assert math.isinf(r.ledger.epsilon())
 
 
 def test_user_level_run():
     x, y = private_data()
     groups = y * 1000 + np.arange(len(y)) // 3  # users of 1-3 samples, each within one class
-    r = make(privacy=PrivacyConfig(epsilon=2.0, user_level=True)).run(
+    r = make(privacy=PrivacyConfig(epsilon=2.0, delta=1e-4, noise_seed=0, user_level=True)).run(
         jax.random.key(0), x, y, group_ids=groups
     )
     assert {rel.neighboring_relation for rel in r.ledger.releases} == {"add_or_remove_one_group"}
     with pytest.raises(ValueError, match="needs group_ids"):
-        make(privacy=PrivacyConfig(epsilon=2.0, user_level=True)).run(jax.random.key(0), x, y)
+        make(privacy=PrivacyConfig(epsilon=2.0, delta=1e-4, noise_seed=0, user_level=True)).run(
+            jax.random.key(0), x, y
+        )
     with pytest.raises(ValueError, match="user_level is False"):
         make().run(jax.random.key(0), x, y, group_ids=groups)
 
@@ -185,7 +200,7 @@ def test_uniform_fallback_is_recorded():
 def test_selection_concentrates_on_the_private_distribution():
     r = run(
         key=0,
-        privacy=PrivacyConfig(epsilon=None, noise_multiplier=0.0),
+        privacy=PrivacyConfig(epsilon=None, delta=1e-4, noise_seed=0, noise_multiplier=0.0),
         pe=dataclasses.replace(PE, iterations=4),
     )
     img = np.asarray(r.images)[..., 0]
@@ -327,7 +342,7 @@ def test_allocate():
 
 def test_weak_delta_warns():
     with pytest.warns(pejax.runner.WeakDeltaWarning, match=r"is >= 1/n"):
-        run(privacy=PrivacyConfig(epsilon=2.0, delta=0.05))
+        run(privacy=PrivacyConfig(epsilon=2.0, delta=0.05, neighboring="replace_one"))
 
 
 def test_user_level_requires_one_class_per_user_and_counts_users():
@@ -337,16 +352,18 @@ def test_user_level_requires_one_class_per_user_and_counts_users():
     with pytest.raises(
         ValueError, match=r"needs each user's samples in a single class.*classes \[0, 2\]"
     ):
-        make(privacy=PrivacyConfig(epsilon=2.0, user_level=True)).run(
+        make(privacy=PrivacyConfig(epsilon=2.0, delta=1e-4, noise_seed=0, user_level=True)).run(
             jax.random.key(0), x, y, group_ids=groups
         )
     # One user holding every sample of class 1: the class count release sees 1 user, not 20 samples.
     groups = np.arange(len(y))
     groups[y == 1] = 10_000
-    r = make(privacy=PrivacyConfig(epsilon=None, noise_multiplier=0.0, user_level=True)).run(
-        jax.random.key(0), x, y, group_ids=groups
-    )
-    assert r.history[0]["stats"]["noisy_class_counts"] == [30.0, 1.0, 25.0]
+    r = make(
+        privacy=PrivacyConfig(
+            epsilon=None, delta=1e-4, noise_seed=0, noise_multiplier=0.0, user_level=True
+        )
+    ).run(jax.random.key(0), x, y, group_ids=groups)
+    assert r.history[0]["stats"]["noisy_class_counts"] == [30, 1, 25]
 
 
 def test_bfloat16_votes_give_the_float32_run():

@@ -102,3 +102,42 @@ def test_vote_errors_name_private_and_synthetic():
         pejax.vote_histogram(priv, syn[:, :2])
     with pytest.raises(ValueError, match="k=6 exceeds the number of synthetic"):
         pejax.vote_histogram(priv, syn, k=6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+@pytest.mark.parametrize("n,m,d,k", CASES)
+def test_lattice_counts_match_counter(n, m, d, k, metric):
+    """Sample-level lattice counts are the Counter of the neighbours (integers), scaled by 1/sqrt(k)."""
+    priv, syn = _data(n, m, d, seed=n + m)
+    votes = pejax.votes.lattice_vote_histogram(priv, syn, k=k, metric=metric, block_size=64)
+    got = pejax.nearest_neighbors(priv, syn, k=k, metric=metric).indices
+    assert votes.counts.dtype == np.int64 and votes.unit_changes == k
+    np.testing.assert_allclose(votes.counts * votes.scale, counter_histogram(got, m, k), atol=1e-12)
+    assert votes.counts.sum() == n * k
+    assert votes.l2_sensitivity == pytest.approx(1 / votes.scale)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_user_lattice_is_snapped_towards_zero_with_norm_at_most_one(k):
+    """Each user's lattice vector has L2 norm <= 2^16 exactly (integer arithmetic) and is the float64 unit
+    vector floored to the grid."""
+    priv, syn = _data(300, 40, 6, seed=k + 10)
+    groups = np.random.default_rng(2).integers(0, 37, size=300) * 7 - 100
+    idx = np.asarray(pejax.nearest_neighbors(priv, syn, k=k).indices)
+    unit = 1 << pejax.votes.USER_LATTICE_BITS
+    total = np.zeros(40, np.int64)
+    for g in np.unique(groups):
+        one = pejax.votes.user_lattice(
+            idx[groups == g], np.zeros((groups == g).sum()), num_bins=40, k=k
+        )
+        q = one.counts
+        assert int((q * q).sum()) <= unit * unit  # exact, in integers
+        c = np.bincount(idx[groups == g].ravel(), minlength=40).astype(np.float64)
+        expected = np.floor(c / np.linalg.norm(c) * unit)
+        np.testing.assert_array_equal(q, expected)
+        total += q
+    votes = pejax.votes.lattice_vote_histogram(priv, syn, k=k, group_ids=groups)
+    np.testing.assert_array_equal(votes.counts, total)
+    assert votes.unit_changes is None and votes.l2_sensitivity == unit
+    ref = group_histogram(idx, groups, 40, k)
+    assert np.abs(votes.counts * votes.scale - ref).max() <= 37 * k / unit

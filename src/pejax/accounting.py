@@ -22,21 +22,29 @@ This module builds events and asks ``dp_accounting`` for epsilons; it holds no e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import attr
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from pejax import _validate
 from pejax.votes import HISTOGRAM_SENSITIVITY
 from pejax.votes import NEIGHBORING_RELATION_SAMPLE
+from pejax.votes import NEIGHBORING_RELATIONS
+from pejax.votes import REPLACE_RELATIONS
 
 ACCOUNTANTS = ("pld", "rdp", "gaussian")
 DEFAULT_ACCOUNTANT = "pld"
+MECHANISMS = ("gaussian", "discrete_gaussian")
+"""Noise mechanisms a :class:`Release` can describe. PE runs release ``"discrete_gaussian"`` (see
+:mod:`pejax.secure_noise`); ``"gaussian"`` describes the continuous kernel :func:`pejax.add_gaussian_noise`."""
 
 
 class BudgetExceededError(ValueError):
@@ -51,11 +59,93 @@ def gaussian_event(noise_multiplier: float, iterations: int = 1) -> dp_accountin
     return dp_accounting.SelfComposedDpEvent(event, iterations)
 
 
-def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class DiscreteGaussianDpEvent(dp_accounting.DpEvent):
+    """The discrete Gaussian mechanism on an integer lattice (pejax's event; dp-accounting has none).
+
+    The mechanism returns ``f(D) + Z`` with f integer-valued and ``Z_j ~ N_Z(0, sigma^2)`` i.i.d. (Canonne,
+    Kamath, Steinke 2020). Attributes:
+
+    * ``sigma``: the noise scale in lattice units.
+    * ``unit_changes``: neighbouring data sets change f by +-1 in at most this many coordinates (and by nothing
+      elsewhere); the exact privacy loss is then the ``unit_changes``-fold composition of the one-dimensional
+      discrete Gaussian with sensitivity 1, which the PLD accountant builds with
+      ``dp_accounting``'s ``from_discrete_gaussian_mechanism``. ``None``: f changes by an arbitrary integer
+      vector of L2 norm at most ``l2_sensitivity``; only the zCDP bound is then known.
+    * ``l2_sensitivity``: the largest L2 norm of that change (``sqrt(unit_changes)`` when that is given).
+
+    Every accountant also knows its zCDP guarantee ``rho = l2_sensitivity^2 / (2 sigma^2)`` (their Theorem 14), as
+    ``dp_accounting``'s own ``ZCDpEvent``: that is how the RDP accountant composes it.
+    """
+
+    sigma: float
+    l2_sensitivity: float
+    unit_changes: int | None = None
+
+    def zcdp_event(self) -> dp_accounting.ZCDpEvent:
+        return dp_accounting.ZCDpEvent(rho=self.l2_sensitivity**2 / (2.0 * self.sigma**2))
+
+
+_PLD_INTERVAL = 1e-4
+
+
+@functools.lru_cache(maxsize=256)
+def _discrete_gaussian_pld(sigma: float, compositions: int):
+    """Exact (pessimistic) PLD of ``compositions`` 1-D discrete Gaussians of sensitivity 1 (cached)."""
+    one = privacy_loss_distribution.from_discrete_gaussian_mechanism(
+        sigma, sensitivity=1, value_discretization_interval=_PLD_INTERVAL
+    )
+    return one.self_compose(compositions)
+
+
+class _PLDAccountant(pld_privacy_accountant.PLDAccountant):
+    """dp-accounting's PLD accountant, taught :class:`DiscreteGaussianDpEvent` with unit changes."""
+
+    def _maybe_compose(self, event, count, do_compose):
+        if isinstance(event, DiscreteGaussianDpEvent):
+            if event.unit_changes is None:
+                return self.CompositionErrorDetails(
+                    invalid_event=event,
+                    error_message=(
+                        "the PLD of a discrete Gaussian with a general (non-unit) sensitivity vector is not "
+                        "implemented; use accountant='rdp', which composes its exact zCDP guarantee."
+                    ),
+                )
+            if do_compose:
+                if event.sigma == 0:
+                    self._contains_non_dp_event = True
+                else:
+                    pld = _discrete_gaussian_pld(float(event.sigma), event.unit_changes * count)
+                    self._pld = self._pld.compose(pld)
+            return None
+        return super()._maybe_compose(event, count, do_compose)
+
+
+class _RdpAccountant(rdp_privacy_accountant.RdpAccountant):
+    """dp-accounting's RDP accountant; a :class:`DiscreteGaussianDpEvent` composes as its ``ZCDpEvent``."""
+
+    def _maybe_compose(self, event, count, do_compose):
+        if isinstance(event, DiscreteGaussianDpEvent):
+            if event.sigma == 0:
+                return super()._maybe_compose(dp_accounting.NonPrivateDpEvent(), count, do_compose)
+            return super()._maybe_compose(event.zcdp_event(), count, do_compose)
+        return super()._maybe_compose(event, count, do_compose)
+
+
+def _relation(neighboring_relation: str) -> dp_accounting.NeighboringRelation:
+    if neighboring_relation in REPLACE_RELATIONS:
+        return dp_accounting.NeighboringRelation.REPLACE_ONE
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def _make_accountant(
+    accountant: str, neighboring_relation: str = NEIGHBORING_RELATION_SAMPLE
+) -> dp_accounting.PrivacyAccountant:
+    relation = _relation(neighboring_relation)
     if accountant == "pld":
-        return pld_privacy_accountant.PLDAccountant()
+        return _PLDAccountant(relation, value_discretization_interval=_PLD_INTERVAL)
     if accountant == "rdp":
-        return rdp_privacy_accountant.RdpAccountant()
+        return _RdpAccountant(neighboring_relation=relation)
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
 
 
@@ -67,6 +157,9 @@ def _gaussian_multipliers(event: dp_accounting.DpEvent) -> list[float]:
         return _gaussian_multipliers(event.event) * event.count
     if isinstance(event, dp_accounting.ComposedDpEvent):
         return [s for e in event.events for s in _gaussian_multipliers(e)]
+    if isinstance(event, DiscreteGaussianDpEvent):
+        # Cross-check only: the continuous Gaussian with the same multiplier (the 'pld' value is exact).
+        return [event.sigma / event.l2_sensitivity if event.l2_sensitivity else math.inf]
     if isinstance(event, dp_accounting.NoOpDpEvent):
         return []
     raise dp_accounting.UnsupportedEventError(
@@ -75,8 +168,18 @@ def _gaussian_multipliers(event: dp_accounting.DpEvent) -> list[float]:
     )
 
 
-def epsilon_of_event(event: dp_accounting.DpEvent, *, delta: float, accountant: str) -> float:
-    """Epsilon of any ``dp_accounting`` event at ``delta`` under ``accountant``."""
+def epsilon_of_event(
+    event: dp_accounting.DpEvent,
+    *,
+    delta: float,
+    accountant: str,
+    neighboring_relation: str = NEIGHBORING_RELATION_SAMPLE,
+) -> float:
+    """Epsilon of any ``dp_accounting`` event at ``delta`` under ``accountant``.
+
+    ``neighboring_relation`` is passed on to ``dp_accounting`` (add/remove or replace-one); the events' own
+    sensitivities must already be those of that relation.
+    """
     _validate.one_of("accountant", accountant, ACCOUNTANTS)
     delta = _validate.delta(delta)
     if accountant == "gaussian":
@@ -87,7 +190,13 @@ def epsilon_of_event(event: dp_accounting.DpEvent, *, delta: float, accountant: 
             return math.inf
         effective = sum(s**-2 for s in multipliers) ** -0.5
         return float(dp_accounting.get_epsilon_gaussian(effective, delta))
-    acc = _make_accountant(accountant)
+    acc = _make_accountant(accountant, neighboring_relation)
+    if not acc.supports(event):
+        details = acc._maybe_compose(event, 1, False)
+        raise dp_accounting.UnsupportedEventError(
+            f"the {accountant!r} accountant cannot compose {details.invalid_event!r}: "
+            f"{details.error_message}"
+        )
     return float(acc.compose(event).get_epsilon(delta))
 
 
@@ -167,9 +276,15 @@ class Release:
       iteration: the PE iteration it belongs to (0 for releases made before the loop, e.g. class counts).
       noise_multiplier: noise standard deviation divided by ``sensitivity``.
       sensitivity: L2 sensitivity of the released quantity under ``neighboring_relation``.
-      neighboring_relation: ``"add_or_remove_one_sample"`` or ``"add_or_remove_one_group"``.
+      neighboring_relation: one of :data:`pejax.votes.NEIGHBORING_RELATIONS` (add/remove or replace one sample
+        or one group).
       description: what was released (e.g. ``"vote histogram"`` or ``"class counts"``).
       count: how many identical releases this entry stands for (1 unless composed in bulk).
+      mechanism: ``"discrete_gaussian"`` (integer lattice values plus exact discrete Gaussian noise of scale
+        ``noise_multiplier * sensitivity`` lattice units: what PE runs release) or ``"gaussian"`` (continuous).
+      unit_changes: discrete Gaussian only: neighbours differ by +-1 in at most this many lattice coordinates
+        (then ``sensitivity`` is ``sqrt(unit_changes)`` and the PLD accountant is exact); ``None`` for a general
+        integer change of L2 norm <= ``sensitivity`` (zCDP accounting, ``accountant="rdp"``).
     """
 
     iteration: int
@@ -178,16 +293,50 @@ class Release:
     neighboring_relation: str = NEIGHBORING_RELATION_SAMPLE
     description: str = "vote histogram"
     count: int = 1
+    mechanism: str = "gaussian"
+    unit_changes: int | None = None
 
     def __post_init__(self):
         _validate.positive_int("iteration", self.iteration, minimum=0)
         _check_noise(self.noise_multiplier)
         _validate.finite_float("sensitivity", self.sensitivity, minimum=0.0, strict=True)
         _validate.positive_int("count", self.count)
+        _validate.one_of("neighboring_relation", self.neighboring_relation, NEIGHBORING_RELATIONS)
+        _validate.one_of("mechanism", self.mechanism, MECHANISMS)
+        if self.unit_changes is not None:
+            if self.mechanism != "discrete_gaussian":
+                raise ValueError(
+                    "unit_changes is only meaningful for mechanism='discrete_gaussian'."
+                )
+            k = _validate.positive_int("unit_changes", self.unit_changes)
+            if abs(self.sensitivity - math.sqrt(k)) > 1e-9 * math.sqrt(k):
+                raise ValueError(
+                    f"a release with unit_changes={k} has L2 sensitivity sqrt({k}) = {math.sqrt(k):.6g}, "
+                    f"got sensitivity={self.sensitivity}."
+                )
 
     def dp_event(self) -> dp_accounting.DpEvent:
-        """The ``dp_accounting`` event of this release (noise std / sensitivity is the multiplier)."""
-        return gaussian_event(self.noise_multiplier, self.count)
+        """The event of this release: ``GaussianDpEvent`` or :class:`DiscreteGaussianDpEvent` (``count`` times)."""
+        if self.mechanism == "gaussian":
+            return gaussian_event(self.noise_multiplier, self.count)
+        event = DiscreteGaussianDpEvent(
+            sigma=self.noise_multiplier * self.sensitivity,
+            l2_sensitivity=self.sensitivity,
+            unit_changes=self.unit_changes,
+        )
+        return event if self.count == 1 else dp_accounting.SelfComposedDpEvent(event, self.count)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ledger_epsilon(delta: float, releases: tuple[Release, ...], accountant: str) -> float:
+    """Epsilon of a tuple of (frozen, hashable) releases; cached, since runs ask again after every iteration."""
+    event = dp_accounting.ComposedDpEvent([r.dp_event() for r in releases])
+    return epsilon_of_event(
+        event,
+        delta=delta,
+        accountant=accountant,
+        neighboring_relation=releases[0].neighboring_relation,
+    )
 
 
 class PrivacyLedger:
@@ -223,6 +372,14 @@ class PrivacyLedger:
             raise TypeError(
                 f"record() takes a pejax.accounting.Release, got {type(release).__name__}."
             )
+        if self._releases and _relation(release.neighboring_relation) != _relation(
+            self._releases[0].neighboring_relation
+        ):
+            raise ValueError(
+                "a ledger composes releases under one kind of neighbouring relation (add/remove or "
+                f"replace-one): it has {self._releases[0].neighboring_relation!r}, got "
+                f"{release.neighboring_relation!r}."
+            )
         for r in self._releases:
             if r.iteration == release.iteration and r.description == release.description:
                 raise ValueError(
@@ -243,11 +400,23 @@ class PrivacyLedger:
             return 0.0
         if any(r.noise_multiplier == 0 for r in self._releases):
             return math.inf
-        return epsilon_of_event(self.dp_event(), delta=self.delta, accountant=accountant)
+        return _ledger_epsilon(self.delta, tuple(self._releases), accountant)
+
+    def supports(self, accountant: str) -> bool:
+        """Whether ``accountant`` can compose every recorded release (PLD cannot compose discrete Gaussian
+        releases of general sensitivity, e.g. user-level votes)."""
+        _validate.one_of("accountant", accountant, ACCOUNTANTS)
+        if accountant == "gaussian":
+            return True
+        return _make_accountant(accountant).supports(self.dp_event())
 
     def epsilons(self) -> dict[str, float]:
-        """Epsilon spent so far under every accountant."""
-        return {name: self.epsilon(name) for name in ACCOUNTANTS}
+        """Epsilon spent so far under every accountant that supports the releases.
+
+        For discrete Gaussian releases, ``"gaussian"`` is the continuous Gaussian's closed form with the same
+        multipliers: a cross-check, not a bound for the implemented mechanism (``"pld"`` is exact for it).
+        """
+        return {name: self.epsilon(name) for name in ACCOUNTANTS if self.supports(name)}
 
     def epsilon_if(self, planned: Sequence[Release], accountant: str = DEFAULT_ACCOUNTANT) -> float:
         """Epsilon the ledger would show after also recording ``planned`` (nothing is recorded)."""

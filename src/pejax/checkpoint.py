@@ -1,5 +1,8 @@
 """Atomic, checksummed, pickle-free checkpoints.
 
+Checkpoints are private artifacts: they hold the run's secret noise key (see :mod:`pejax.secure_noise`), so the
+folder is made owner-only (0700) and every file is created owner-only (0600). Do not share them.
+
 One checkpoint is one ``.npz`` file (never pickled: it is read with ``allow_pickle=False``) holding the run's
 arrays and, under the name ``__meta__``, a UTF-8 JSON document with the scalar state and a SHA-256 checksum of
 every array. It is written to a temporary file in the same folder, flushed and fsynced, then renamed over the
@@ -71,6 +74,8 @@ def save_checkpoint(
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # Checkpoints are private artifacts (they hold the run's secret noise key): owner-only.
+    directory.chmod(0o700)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     for name, a in arrays.items():
         if name.startswith("__") or a.dtype == object:
@@ -80,7 +85,8 @@ def save_checkpoint(
     payload[META_KEY] = np.frombuffer(json.dumps(doc, sort_keys=True).encode(), dtype=np.uint8)
     final = checkpoint_path(directory, iteration)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
         np.savez(f, **payload)
         f.flush()
         os.fsync(f.fileno())

@@ -18,6 +18,8 @@ from pejax.mechanism import SELECTION_MODES
 from pejax.neighbors import METRICS
 from pejax.neighbors import PRECISIONS
 
+NEIGHBORING = ("add_remove", "replace_one")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
@@ -29,23 +31,39 @@ class PrivacyConfig:
       delta: target delta in (0, 1); ``None`` means ``1 / (n ln n)`` for n private samples.
       noise_multiplier: fixed noise multiplier of the vote histograms; 0 means no privacy at all (for
         experiments only: the report then says epsilon = inf).
-      accountant: accountant used to calibrate and to enforce the budget (``"pld"``, ``"rdp"``, ``"gaussian"``).
-        The report shows every accountant.
+      accountant: accountant used to calibrate and to enforce the budget: ``"pld"`` (exact for the discrete
+        Gaussian releases of sample-level runs; the default there) or ``"rdp"`` (zCDP; the default and the only
+        choice at user level, whose snapped real-valued votes have no exact PLD here). The report shows every
+        accountant that applies (and the continuous-Gaussian closed form as a cross-check).
       class_proportions: public class proportions (one per class, summing to 1) used to split synthetic
         samples over classes. ``None`` (default) estimates them from the private data with the Gaussian
         mechanism, spending ``class_count_budget`` of the budget (recorded in the ledger).
       class_count_budget: the share of the privacy budget (as a share of the total squared Gaussian-DP mu,
         i.e. of the precision 1/sigma^2) spent on the class counts, in (0, 1).
-      user_level: whether ``group_ids`` are given and the neighbouring relation is add/remove one user.
+      user_level: whether ``group_ids`` are given and the unit of privacy is one user instead of one sample.
+      neighboring: the neighbouring relation the guarantee is stated for. ``"add_remove"`` (default): data sets
+        differ by one sample (or user) added or removed, so the number n of private samples is itself private:
+        ``delta`` must then be given, or derived from the public bound ``max_private_samples``, never from n.
+        ``"replace_one"``: n is public and one sample (or user) is swapped for another, possibly of another
+        class; a swap moves two histograms and two class counts, and is accounted as such (L2 sensitivity
+        sqrt(2)).
+      max_private_samples: a public upper bound N on n (e.g. the size of the population the data are drawn
+        from); with ``neighboring="add_remove"`` and no ``delta``, delta is 1 / (N ln N). A run with n > N stops.
+      noise_seed: ``None`` (default): the DP noise is drawn with a fresh secret key from the operating system's
+        entropy. An integer makes the noise reproducible for research: such a run is NOT a differentially
+        private release (anyone who knows the seed can subtract the noise), and every output says so.
     """
 
     epsilon: float | None = 1.0
     delta: float | None = None
     noise_multiplier: float | None = None
-    accountant: str = "pld"
+    accountant: str | None = None
     class_proportions: tuple[float, ...] | None = None
     class_count_budget: float = 0.05
     user_level: bool = False
+    neighboring: str = "add_remove"
+    max_private_samples: int | None = None
+    noise_seed: int | None = None
 
     def __post_init__(self):
         if self.epsilon is None and self.noise_multiplier is None:
@@ -59,7 +77,30 @@ class PrivacyConfig:
             _validate.finite_float("privacy.noise_multiplier", self.noise_multiplier, minimum=0.0)
         if self.delta is not None:
             _validate.delta(self.delta, "privacy.delta")
+        if self.accountant is None:
+            object.__setattr__(self, "accountant", "rdp" if self.user_level else "pld")
         _validate.one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
+        if self.accountant == "gaussian":
+            raise ValueError(
+                "privacy.accountant='gaussian' is the closed form of the continuous Gaussian mechanism, but runs "
+                "release the discrete Gaussian (see pejax.secure_noise); use 'pld' (exact) or 'rdp'."
+            )
+        if self.user_level and self.accountant == "pld":
+            raise ValueError(
+                "privacy.accountant='pld' cannot account user-level runs: their votes are real-valued, snapped to "
+                "a 2^-16 grid, and only the discrete Gaussian's zCDP bound applies. Use privacy.accountant = "
+                "'rdp' (the user-level default)."
+            )
+        _validate.one_of("privacy.neighboring", self.neighboring, NEIGHBORING)
+        if self.max_private_samples is not None:
+            _validate.positive_int(
+                "privacy.max_private_samples", self.max_private_samples, minimum=2
+            )
+        if self.noise_seed is not None:
+            if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int):
+                raise TypeError(
+                    f"privacy.noise_seed must be an integer or absent, got {self.noise_seed!r}."
+                )
         frac = _validate.finite_float("privacy.class_count_budget", self.class_count_budget)
         if not 0.0 < frac < 1.0:
             raise ValueError(f"privacy.class_count_budget must lie in (0, 1), got {frac}.")

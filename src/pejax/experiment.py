@@ -23,10 +23,13 @@ from pejax import checkpoint as ckpt
 from pejax import config as cfg
 from pejax import registry
 from pejax import reporting
+from pejax.runner import NOT_DP_NOTICE
 from pejax.runner import IterationInfo
 from pejax.runner import PrivateEvolution
 
-# The embedded default: scikit-learn's digits, the JAX glyph simulator, epsilon 1, delta 1/(n ln n).
+# The embedded default: scikit-learn's digits, the JAX glyph simulator, epsilon 1, add/remove adjacency, delta
+# 1/(N ln N) for the public bound N = 1797 (the size of the whole scikit-learn digits set, which the private
+# training split is drawn from), so that delta does not reveal the private n.
 # Hyperparameters follow the principles in PE.md (few candidates per class so winning bins beat the noise, a
 # threshold of one sigma, decreasing variation degree); the developers checked them with a handful of runs on
 # these same digits, which the privacy guarantee does not cover (see BUILD_NOTES.md).
@@ -39,7 +42,7 @@ DEMO_CONFIG: dict[str, Any] = {
     # experiments/results/digits_sweep_fonts_only.md against digits_sweep.md).
     "generator": {"kind": "glyphs", "image_size": 16, "handwriting": True},
     "embedding": {"name": "resize"},
-    "privacy": {"epsilon": 1.0, "accountant": "pld"},
+    "privacy": {"epsilon": 1.0, "accountant": "pld", "max_private_samples": 1797},
     "pe": {
         "num_classes": 10,
         "samples_per_iteration": 400,
@@ -220,13 +223,19 @@ def _evaluator(ev_section, data, embedding, emb_label, classifier_c):
     return evaluate, label
 
 
-def _write_outputs(out: pathlib.Path, result, data, class_names) -> list[str]:
+def _write_outputs(out: pathlib.Path, result, data, class_names, notice) -> list[str]:
+    """Writes the released set: synthetic.npz and samples.png, or synthetic.jsonl for text.
+
+    ``notice`` (a not-DP warning) is stored in every output: in the .npz and the PNG as the reporting module
+    does, and as a ``notice`` field of every JSONL row.
+    """
     if data.modality == "text":
         from pejax.generators.text_codec import decode_texts
 
         texts = decode_texts(np.asarray(result.images))
+        extra = {} if notice is None else {"notice": notice}
         rows = [
-            {"text": t, "label": int(y), "class_name": class_names[int(y)]}
+            {"text": t, "label": int(y), "class_name": class_names[int(y)], **extra}
             for t, y in zip(texts, np.asarray(result.labels), strict=True)
         ]
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -234,8 +243,8 @@ def _write_outputs(out: pathlib.Path, result, data, class_names) -> list[str]:
         tmp.write_text(body, encoding="utf-8")
         tmp.replace(out / "synthetic.jsonl")
         return ["synthetic.jsonl"]
-    reporting.write_synthetic(out / "synthetic.npz", result.images, result.labels)
-    reporting.save_samples_png(out / "samples.png", result.images, result.labels)
+    reporting.write_synthetic(out / "synthetic.npz", result.images, result.labels, notice=notice)
+    reporting.save_samples_png(out / "samples.png", result.images, result.labels, notice=notice)
     return ["synthetic.npz", "samples.png"]
 
 
@@ -336,18 +345,22 @@ def run_experiment(
     result = runner.run(jax.random.key(seed), data.samples, data.labels, **run_kw)
     wall = time.perf_counter() - t0
 
-    written = _write_outputs(out, result, data, class_names)
+    notice = None if result.dp_release else NOT_DP_NOTICE
+    written = _write_outputs(out, result, data, class_names, notice)
     eps = result.ledger.epsilons()
     unit = "user" if privacy.user_level else "sample"
     report = {
         "pejax_version": __import__("pejax").__version__,
+        **({} if result.dp_release else {"WARNING": NOT_DP_NOTICE}),
         "modality": data.modality,
         "privacy": {
+            "differentially_private": result.dp_release,
             "target_epsilon": privacy.epsilon,
             "delta": result.ledger.delta,
-            "delta_rule": "given"
-            if privacy.delta is not None
-            else "1/(n ln n), n treated as public",
+            "delta_rule": result.delta_rule,
+            "neighboring_relation": result.neighboring_relation,
+            "mechanism": "discrete Gaussian on integer vote lattices (exact sampler, secret noise key); "
+            "see pejax.secure_noise",
             "noise_multiplier": result.noise_multiplier,
             "iterations": pe.iterations,
             "accountant": privacy.accountant,
@@ -357,18 +370,21 @@ def run_experiment(
                 {
                     "iteration": r.iteration,
                     "description": r.description,
+                    "mechanism": r.mechanism,
                     "noise_multiplier": r.noise_multiplier,
                     "sensitivity": r.sensitivity,
+                    "unit_changes": r.unit_changes,
                     "neighboring_relation": r.neighboring_relation,
                 }
                 for r in result.ledger.releases
             ],
             "not_covered": [
-                "the number of private samples n (used for the default delta and stated here)",
+                "timings (report 'timings' and wall_seconds) depend on the number of private samples",
                 "hyperparameter choices (the demo's defaults were checked by the developers with a few runs on "
                 "this same data set; see BUILD_NOTES.md)",
                 "the evaluation classifier's C (run.classifier_c; the demo's was chosen by cross-validation on "
                 "the digits training split): it changes the reported accuracy, not the synthetic data",
+                "evaluation metrics are computed on the held-out test split, not on the private data",
             ],
         },
         "config": {
@@ -385,8 +401,6 @@ def run_experiment(
         "class_names": list(class_names),
         "class_sizes": list(result.class_sizes),
         "num_synthetic": int(result.labels.shape[0]),
-        "num_private": int(data.labels.shape[0]),
-        "num_users": None if data.group_ids is None else int(np.unique(data.group_ids).size),
         "resumed_from": result.resumed_from,
         "wall_seconds": wall,
         "iterations": result.history,
@@ -407,4 +421,6 @@ def run_experiment(
     echo(f"wrote {out}/{', '.join([*written, 'report.json', 'metrics.png'])}")
     if not math.isfinite(eps[privacy.accountant]):
         echo("warning: noise multiplier 0: this run is NOT differentially private.")
+    elif not result.dp_release:
+        echo("warning: " + NOT_DP_NOTICE)
     return report

@@ -1,7 +1,10 @@
-"""The Gaussian mechanism on the vote histogram, and the post-processing that follows it.
+"""The noise mechanisms on the vote histogram, and the post-processing that follows them.
 
-``add_gaussian_noise`` is the single privacy-relevant step: noise of standard deviation
-``noise_multiplier * sensitivity`` per bin. ``threshold`` and ``select`` only post-process the noisy histogram
+``release_lattice_votes`` is what a PE run releases: the vote histogram on its integer lattice plus exact
+discrete Gaussian noise drawn with a secret :class:`pejax.secure_noise.NoiseKey` (see that module for why). Its
+output takes only lattice values, so no floating-point support can leak. ``add_gaussian_noise`` (continuous,
+float32, keyed by a ``jax.random`` key) stays as a jit-friendly kernel for research and for the audit's fast
+unit tests; it is not what runs release. ``threshold`` and ``select`` only post-process the noisy histogram
 and cost no privacy.
 """
 
@@ -13,10 +16,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pejax import _validate
+from pejax.secure_noise import NoiseKey
+from pejax.secure_noise import discrete_gaussian_noise
 from pejax.votes import HISTOGRAM_SENSITIVITY
+from pejax.votes import LatticeVotes
 
 SELECTION_MODES = ("sample", "rank")
 
@@ -88,6 +95,53 @@ def add_gaussian_noise(
     nm = _validate.finite_float("noise_multiplier", noise_multiplier, minimum=0.0)
     sens = _validate.finite_float("sensitivity", sensitivity, minimum=0.0, strict=True)
     return _noise(key, h, jnp.float32(nm * sens))
+
+
+def add_discrete_gaussian_noise(key: NoiseKey, counts, *, sigma: float) -> np.ndarray:
+    """Adds exact discrete Gaussian noise ``N_Z(0, sigma^2)`` to every entry of an integer vector.
+
+    Args:
+      key: the release's secret :class:`pejax.secure_noise.NoiseKey` (one per release; never reused).
+      counts: (m,) integer array (e.g. vote counts, class counts).
+      sigma: noise scale in the counts' units, >= 0 (0: no noise, no privacy).
+
+    Returns:
+      (m,) int64 noisy counts.
+
+    Example:
+      >>> from pejax.secure_noise import NoiseKey
+      >>> add_discrete_gaussian_noise(NoiseKey.from_seed(0), np.array([5, 0]), sigma=0.0).tolist()
+      [5, 0]
+    """
+    c = np.asarray(counts)
+    if c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(
+            f"counts must be a 1-D integer array (the discrete Gaussian adds integer noise to integers), "
+            f"got {c.dtype} {c.shape}. Use pejax.votes.lattice_vote_histogram for vote counts."
+        )
+    noise = discrete_gaussian_noise(key, sigma=sigma, size=c.shape[0])
+    return c.astype(np.int64) + noise
+
+
+def release_lattice_votes(
+    key: NoiseKey, votes: LatticeVotes, *, noise_multiplier: float
+) -> np.ndarray:
+    """The PE release: lattice votes plus discrete Gaussian noise, in vote units.
+
+    Noise has scale ``noise_multiplier * votes.l2_sensitivity`` lattice units, i.e. ``noise_multiplier`` in
+    vote units (the histogram's sensitivity is 1 there). The returned values are ``integer * votes.scale``.
+
+    Args:
+      key: the release's secret noise key.
+      votes: :func:`pejax.votes.lattice_vote_histogram` output.
+      noise_multiplier: sigma >= 0 in units of the histogram's sensitivity.
+
+    Returns:
+      (m,) float64 noisy histogram (exact lattice points: ``noisy_counts * scale``).
+    """
+    nm = _validate.finite_float("noise_multiplier", noise_multiplier, minimum=0.0)
+    noisy = add_discrete_gaussian_noise(key, votes.counts, sigma=nm * votes.l2_sensitivity)
+    return noisy.astype(np.float64) * votes.scale
 
 
 @jax.jit
@@ -187,7 +241,9 @@ __all__ = [
     "AllZeroHistogramWarning",
     "PejaxWarning",
     "Selection",
+    "add_discrete_gaussian_noise",
     "add_gaussian_noise",
+    "release_lattice_votes",
     "select",
     "select_parents",
     "threshold",

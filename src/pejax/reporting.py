@@ -30,12 +30,17 @@ def to_uint8(images) -> np.ndarray:
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
-def write_synthetic(path: pathlib.Path, images, labels) -> None:
-    """Writes ``images`` (uint8) and ``labels`` (int32) to an ``.npz`` (readable with allow_pickle=False)."""
+def write_synthetic(path: pathlib.Path, images, labels, *, notice: str | None = None) -> None:
+    """Writes ``images`` (uint8) and ``labels`` (int32) to an ``.npz`` (readable with allow_pickle=False).
+
+    ``notice``: a warning stored beside them as the string array ``notice`` (e.g. "NOT a differentially
+    private release" for reproducible-noise runs).
+    """
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, images=to_uint8(images), labels=np.asarray(labels, np.int32))
+    extra = {} if notice is None else {"notice": np.asarray(notice)}
+    np.savez(buf, images=to_uint8(images), labels=np.asarray(labels, np.int32), **extra)
     _atomic_write_bytes(path, buf.getvalue())
 
 
@@ -77,17 +82,30 @@ def sample_grid(images, labels, *, per_class: int = 10, class_names: Sequence[st
 
 
 def save_samples_png(
-    path: pathlib.Path, images, labels, *, per_class: int = 10, scale: int = 4
+    path: pathlib.Path,
+    images,
+    labels,
+    *,
+    per_class: int = 10,
+    scale: int = 4,
+    notice: str | None = None,
 ) -> None:
-    """Writes ``samples.png``: one row per class, upscaled by ``scale`` with nearest-neighbour pixels."""
+    """Writes ``samples.png``: one row per class, upscaled by ``scale`` with nearest-neighbour pixels.
+
+    ``notice``: a warning stored in the PNG's ``Comment`` text chunk.
+    """
     from PIL import Image
+    from PIL import PngImagePlugin
 
     grid = sample_grid(images, labels, per_class=per_class)
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     arr = np.clip(np.rint(grid * 255), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    img.save(tmp)
+    info = PngImagePlugin.PngInfo()
+    if notice is not None:
+        info.add_text("Comment", notice)
+    img.save(tmp, pnginfo=info)
     os.replace(tmp, path)
 
 

@@ -5,15 +5,23 @@ Per class y (classes partition the private data, so they compose in parallel and
   S_0 = RANDOM(y, N_y)
   for t = 1..T:
     e   = embed(S_{t-1}) (or the mean embedding of L lookahead variations)
-    h   = vote_histogram(private_y, e)            # the only access to private data
-    h~  = h + N(0, sigma^2)                       # one Gaussian release, recorded in the ledger
-    p   = select(max(h~ - threshold, 0))          # post-processing
-    S_t = VARIATION(p, degree_t)                  # (t < T); at t = T the parents are the output
+    h   = lattice_vote_histogram(private_y, e)     # the only access to private data: integer lattice votes
+    h~  = h + N_Z(0, sigma^2)                      # one discrete Gaussian release, recorded in the ledger
+    p   = select(max(h~ - threshold, 0))           # post-processing
+    S_t = VARIATION(p, degree_t)                   # (t < T); at t = T the parents are the output
 
-Randomness: every random step uses ``fold_in(key, t)`` then ``fold_in(., y)`` and a fixed split, so a run is a
-pure function of (key, configs, generator, private data), and a resumed run repeats an unbroken one bit for
-bit. Private data and private embeddings live only in memory: checkpoints hold the synthetic samples, the
-noisy (already released) class counts and the ledger.
+Two keys, two roles. The *public* ``jax.random`` key given to :meth:`PrivateEvolution.run` drives everything that
+is not DP noise (the generator, lookahead, selection): runs with one seed stay comparable. The DP noise is drawn
+with a *secret* :class:`pejax.secure_noise.NoiseKey`, by default fresh from the operating system's entropy; it
+is never printed, reported or fingerprinted, and is kept only in the (owner-only) checkpoints, so a resumed run
+repeats its unbroken run bit for bit. ``privacy.noise_seed`` makes the noise reproducible for research, and such
+a run says everywhere that it is not a differentially private release.
+
+What a run releases (``RunResult``, callbacks, reports): the synthetic set and public facts (epsilon, delta,
+sigma, schedule, the neighbouring relation), plus per-iteration statistics that are outputs of the discrete
+Gaussian mechanism itself (lattice values: noisy counts, noisy histograms) or post-processing of them (surviving
+bins, class sizes), and timings, which depend on n and are outside the guarantee. Private data and private
+embeddings live only in memory.
 """
 
 from __future__ import annotations
@@ -46,20 +54,29 @@ from pejax.config import SpeedConfig
 from pejax.config import to_dict
 from pejax.generators._checked import CheckedGenerator
 from pejax.mechanism import PejaxWarning
-from pejax.mechanism import add_gaussian_noise
+from pejax.mechanism import add_discrete_gaussian_noise
+from pejax.mechanism import release_lattice_votes
 from pejax.mechanism import select_parents
 from pejax.mechanism import threshold
+from pejax.secure_noise import NoiseKey
 from pejax.votes import NEIGHBORING_RELATION_GROUP
 from pejax.votes import NEIGHBORING_RELATION_SAMPLE
-from pejax.votes import vote_histogram
+from pejax.votes import REPLACE_ONE_GROUP
+from pejax.votes import REPLACE_ONE_SAMPLE
+from pejax.votes import USER_LATTICE_BITS
+from pejax.votes import lattice_vote_histogram
 
 TEXT_SUPPORTED = True
 """Text generators (``modality = "text"``, samples = (N, L) uint8 UTF-8 bytes) are supported: the
 embedding then receives the byte array instead of images."""
 
-# fold_in streams of the root key.
-_STREAM_COUNTS = 1_000_003
-_STREAM_FINAL = 1_000_033
+_COUNTS_LABEL = -1
+"""``NoiseKey.fold_in(0, _COUNTS_LABEL)`` keys the class-count release; ``fold_in(t, y)`` the votes of (t, y)."""
+
+NOT_DP_NOTICE = (
+    "NOT a differentially private release: privacy.noise_seed made the noise reproducible, so anyone who knows "
+    "the seed can subtract it. Remove privacy.noise_seed for a private run."
+)
 
 
 class WeakDeltaWarning(PejaxWarning):
@@ -67,7 +84,7 @@ class WeakDeltaWarning(PejaxWarning):
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint was written by a run with another configuration, generator or key."""
+    """A checkpoint was written by a run with another configuration, generator, key or private data."""
 
 
 @dataclasses.dataclass
@@ -80,9 +97,13 @@ class IterationInfo:
         for text generators the (N, L) uint8 UTF-8 bytes of the texts.
       labels: (N,) int32 labels.
       epsilon: epsilon spent so far under each accountant.
-      timings: seconds spent in each phase of this iteration.
-      stats: per-iteration facts (noise multiplier, surviving bins, uniform fallbacks, degree).
+      timings: seconds spent in each phase of this iteration (they depend on n: outside the guarantee).
+      stats: per-iteration facts (noise multiplier, surviving bins, uniform fallbacks, degree, noisy maxima).
       final: True for the call with the released synthetic set.
+      noisy_histograms: per class, the (m_y,) float64 noisy vote histogram released at this iteration (the
+        discrete Gaussian mechanism's output, exact lattice values); ``None`` at iteration 0.
+      candidates: per class, the candidates those histograms voted over (generator samples); ``None`` at 0.
+      dp_release: False when the noise was reproducible (``privacy.noise_seed``) or zero.
     """
 
     iteration: int
@@ -92,6 +113,9 @@ class IterationInfo:
     timings: dict[str, float]
     stats: dict[str, Any]
     final: bool = False
+    noisy_histograms: tuple[np.ndarray, ...] | None = None
+    candidates: tuple[Any, ...] | None = None
+    dp_release: bool = True
 
 
 class RunResult(NamedTuple):
@@ -102,10 +126,13 @@ class RunResult(NamedTuple):
       images: (N, H, W, C) float32 images of them in [0, 1] (text generators: (N, L) uint8 UTF-8 bytes).
       labels: (N,) int32 labels.
       ledger: every noisy release made.
-      noise_multiplier: of each vote-histogram release.
+      noise_multiplier: of each vote-histogram release (in units of the histogram's sensitivity).
       class_sizes: candidates per class.
       history: per-iteration records (timings, stats, epsilon spent).
       resumed_from: iteration of the checkpoint the run resumed from (``None`` for a fresh run).
+      dp_release: False when the noise was reproducible (``privacy.noise_seed``) or zero: not a DP release.
+      neighboring_relation: the relation the guarantee is stated for (e.g. ``"add_or_remove_one_sample"``).
+      delta_rule: how delta was chosen (given, or from a public bound on n, or from the public n).
     """
 
     samples: Any
@@ -116,6 +143,28 @@ class RunResult(NamedTuple):
     class_sizes: tuple[int, ...]
     history: list[dict]
     resumed_from: int | None
+    dp_release: bool = True
+    neighboring_relation: str = NEIGHBORING_RELATION_SAMPLE
+    delta_rule: str = "given"
+
+
+class _Plan(NamedTuple):
+    """The public privacy plan of a run (computed before any private data is read beyond n and labels)."""
+
+    delta: float
+    delta_rule: str
+    sigma: float
+    sigma_counts: float | None
+    relation: str
+
+
+class _Private(NamedTuple):
+    """Private embeddings by class (in memory only), with their user ids."""
+
+    embeddings: list[jax.Array]
+    groups: list[np.ndarray | None]
+    labels: np.ndarray
+    group_ids: np.ndarray | None
 
 
 def _tree_take(tree, idx):
@@ -218,6 +267,43 @@ def check_private_data(images, labels, num_classes: int, group_ids=None, modalit
     return images, labels.astype(np.int32), group_ids
 
 
+def _gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every process's int64 rows (n_p, w), concatenated in process order (a no-op on one process)."""
+    if jax.process_count() == 1:
+        return rows
+    from pejax.sharding import _process_allgather
+
+    lens = _process_allgather(np.array([rows.shape[0]], np.int64)).ravel()
+    padded = np.zeros((int(lens.max()), rows.shape[1]), np.int64)
+    padded[: rows.shape[0]] = rows
+    every = _process_allgather(padded)
+    return np.concatenate([every[p, :n] for p, n in enumerate(lens.tolist())])
+
+
+def _shared_noise_key(key: NoiseKey) -> NoiseKey:
+    """Process 0's key on every process, so that all draw one and the same noise (one release)."""
+    if jax.process_count() == 1:
+        return key
+    from pejax.sharding import _process_allgather
+
+    words = np.frombuffer(bytes.fromhex(key.export_secret()), np.int64)
+    first = _process_allgather(words)[0]
+    return NoiseKey(first.tobytes(), reproducible=key.reproducible)
+
+
+def _check_users_in_one_class(pairs: np.ndarray) -> None:
+    """``pairs``: (P, 2) unique (user, label) rows over all processes."""
+    users, per_user = np.unique(pairs[:, 0], return_counts=True)
+    if (per_user > 1).any():
+        bad = int(users[per_user > 1][0])
+        classes = pairs[pairs[:, 0] == bad, 1].tolist()
+        raise ValueError(
+            f"user-level privacy needs each user's samples in a single class, but group_ids value {bad} has "
+            f"samples in classes {classes}. Split such users into one id per class (this weakens the unit of "
+            "privacy to user-and-class), or run at sample level."
+        )
+
+
 class PrivateEvolution:
     """Composes a generator, an embedding and configs into a checkpointed PE run.
 
@@ -226,15 +312,17 @@ class PrivateEvolution:
       embedding: ``images (N, H, W, C) float32 in [0,1] -> (N, D) float`` pure function, applied to private
         and synthetic images alike.
       pe: algorithm hyperparameters.
-      privacy: privacy target.
+      privacy: privacy target, neighbouring relation and noise-key policy.
       speed: speed settings (do not change results).
-      checkpoint_dir: folder for checkpoints (``None``: no checkpoints, no resume).
+      checkpoint_dir: folder for checkpoints (``None``: no checkpoints, no resume). Checkpoints hold the secret
+        noise key: they are written owner-only and must be kept private.
       callbacks: called with an :class:`IterationInfo` after every iteration.
       progress: show a progress bar (tqdm) over iterations.
       embedding_name: recorded in checkpoints so a resume with another embedding is refused.
       mesh: optional ``jax.sharding.Mesh``: private embeddings are then voted sharded over its devices (and
-        hosts, after :func:`pejax.sharding.initialize_distributed`) with identical results; only process 0
-        writes checkpoints. A speed setting: it changes neither the votes nor the privacy.
+        hosts, after :func:`pejax.sharding.initialize_distributed`) with identical results; n, the class counts
+        and the user checks are aggregated over all processes; only process 0 writes checkpoints. A speed
+        setting: it changes neither the votes nor the privacy.
     """
 
     def __init__(
@@ -281,8 +369,62 @@ class PrivateEvolution:
             check_matmul_precision(self.speed.precision, "PrivateEvolution with a device mesh")
 
     # ----------------------------------------------------------------------------------------- privacy
+    @property
+    def neighboring_relation(self) -> str:
+        p = self.privacy
+        if p.neighboring == "replace_one":
+            return REPLACE_ONE_GROUP if p.user_level else REPLACE_ONE_SAMPLE
+        return NEIGHBORING_RELATION_GROUP if p.user_level else NEIGHBORING_RELATION_SAMPLE
+
+    def _vote_release(self, t: int, sigma: float) -> Release:
+        """The ledger entry of iteration t's vote histograms (all classes: parallel composition)."""
+        replace = self.privacy.neighboring == "replace_one"
+        factor = 2 if replace else 1  # a swap may move two classes' histograms
+        if self.privacy.user_level:
+            lattice_sens, units = float(1 << USER_LATTICE_BITS), None
+        else:
+            lattice_sens, units = math.sqrt(self.pe.k), self.pe.k
+        sens = lattice_sens * math.sqrt(factor)
+        return Release(
+            iteration=t,
+            noise_multiplier=sigma * lattice_sens / sens,
+            sensitivity=sens,
+            neighboring_relation=self.neighboring_relation,
+            mechanism="discrete_gaussian",
+            unit_changes=None if units is None else units * factor,
+        )
+
+    def _counts_release(self, sigma_counts: float) -> Release:
+        factor = 2 if self.privacy.neighboring == "replace_one" else 1
+        return Release(
+            iteration=0,
+            noise_multiplier=sigma_counts / math.sqrt(factor),
+            sensitivity=math.sqrt(factor),
+            neighboring_relation=self.neighboring_relation,
+            description="class counts",
+            mechanism="discrete_gaussian",
+            unit_changes=factor,
+        )
+
+    def _planned(
+        self, sigma, sigma_counts, relation=None, start: int = 0, counts_done: bool = False
+    ) -> list[Release]:
+        del relation  # the relation is the runner's own (kept for callers of the old signature)
+        planned = []
+        if sigma_counts is not None and not counts_done:
+            planned.append(self._counts_release(sigma_counts))
+        planned += [
+            self._vote_release(t, sigma) for t in range(max(start, 0) + 1, self.pe.iterations + 1)
+        ]
+        return planned
+
     def plan_noise(self, delta: float) -> tuple[float, float | None]:
-        """Noise multipliers (vote histograms, class counts or ``None`` when proportions are public)."""
+        """Noise multipliers (vote histograms, class counts or ``None`` when proportions are public).
+
+        With ``privacy.epsilon`` alone, the smallest common scale that the accountant itself confirms fits the
+        target is found by bisection over the planned discrete Gaussian releases; the class counts get a share
+        ``class_count_budget`` of the total precision sum_i sigma_i^-2, as in a Gaussian-DP split.
+        """
         p, T = self.privacy, self.pe.iterations
         dp_counts = p.class_proportions is None
         f = p.class_count_budget
@@ -292,50 +434,74 @@ class PrivateEvolution:
                 return sigma, None
             if sigma == 0:
                 return 0.0, 0.0
-            # The counts get a share f of the total precision sum_i sigma_i^-2.
             return sigma, sigma * math.sqrt((1 - f) / (f * T))
-        # One Gaussian mechanism with multiplier s_eff at (epsilon, delta) composes exactly like releases
-        # sigma_i with sum sigma_i^-2 = s_eff^-2 (for PLD, RDP and the closed form alike).
-        s_eff = accounting.noise_multiplier(
-            epsilon=p.epsilon, iterations=1, delta=delta, accountant=p.accountant
-        )
-        if not dp_counts:
-            sigma, sigma_counts = s_eff * math.sqrt(T), None
-        else:
-            sigma, sigma_counts = s_eff * math.sqrt(T / (1 - f)), s_eff / math.sqrt(f)
-        # PLD discretises each distinct mechanism separately, so the split can land a hair above the target:
-        # step the noise up until the accountant itself confirms the plan fits.
-        relation = NEIGHBORING_RELATION_GROUP if p.user_level else NEIGHBORING_RELATION_SAMPLE
+        a, b = (math.sqrt(T / (1 - f)), 1 / math.sqrt(f)) if dp_counts else (math.sqrt(T), None)
         trial = PrivacyLedger(delta=delta)
-        while (
-            trial.epsilon_if(self._planned(sigma, sigma_counts, relation, 0), p.accountant)
-            > p.epsilon
-        ):
-            sigma *= 1 + 1e-5
-            sigma_counts = None if sigma_counts is None else sigma_counts * (1 + 1e-5)
-        return sigma, sigma_counts
 
-    def _planned(
-        self, sigma, sigma_counts, relation, start: int, counts_done: bool = False
-    ) -> list[Release]:
-        planned = []
-        if sigma_counts is not None and not counts_done:
-            planned.append(
-                Release(
-                    iteration=0,
-                    noise_multiplier=sigma_counts,
-                    neighboring_relation=relation,
-                    description="class counts",
+        def fits(c: float) -> bool:
+            planned = self._planned(c * a, None if b is None else c * b)
+            return trial.epsilon_if(planned, p.accountant) <= p.epsilon
+
+        # One Gaussian mechanism at (epsilon, delta) brackets the common scale (replace-one doubles the
+        # squared sensitivity).
+        c0 = accounting.noise_multiplier(
+            epsilon=p.epsilon, iterations=1, delta=delta, accountant="gaussian"
+        )
+        c0 *= math.sqrt(2) if p.neighboring == "replace_one" else 1.0
+        lo, hi = 0.5 * c0, 1.5 * c0
+        while not fits(hi):
+            lo, hi = hi, 2 * hi
+        while fits(lo) and lo > 1e-6:
+            lo, hi = lo / 2, lo
+        while hi - lo > 1e-6 * hi:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi * a, None if b is None else hi * b
+
+    def _delta(self, n: int) -> tuple[float, str]:
+        """delta and how it was chosen; under add/remove it never depends on the private n."""
+        p = self.privacy
+        if p.neighboring == "add_remove" and p.max_private_samples is not None:
+            if n > p.max_private_samples:
+                raise ValueError(
+                    f"privacy.max_private_samples = {p.max_private_samples} is declared as a public upper "
+                    "bound on the number of private samples, but the data set is larger. Raise the bound "
+                    "(it must not be derived from the private data)."
                 )
+        if p.delta is not None:
+            delta, rule = p.delta, "given"
+        elif p.neighboring == "replace_one":
+            delta, rule = 1.0 / (n * math.log(n)), "1/(n ln n), n public (replace-one adjacency)"
+        elif p.max_private_samples is not None:
+            big_n = p.max_private_samples
+            delta = 1.0 / (big_n * math.log(big_n))
+            rule = f"1/(N ln N) with the public bound N = privacy.max_private_samples = {big_n}"
+        else:
+            raise ValueError(
+                "privacy.delta is not set, and under privacy.neighboring = 'add_remove' the number of private "
+                "samples n is private, so delta cannot be derived from it. Set privacy.delta (e.g. 1e-5), or "
+                "privacy.max_private_samples (a public upper bound N on n; delta is then 1/(N ln N)), or use "
+                "privacy.neighboring = 'replace_one' if n is public."
             )
-        planned += [
-            Release(iteration=t, noise_multiplier=sigma, neighboring_relation=relation)
-            for t in range(max(start, 0) + 1, self.pe.iterations + 1)
-        ]
-        return planned
+        _validate.delta(delta, "privacy.delta")
+        public_n = n if p.neighboring == "replace_one" else p.max_private_samples
+        if public_n is not None and delta >= 1.0 / public_n:
+            warnings.warn(
+                f"privacy.delta={delta:g} is >= 1/n = {1.0 / public_n:g} for n={public_n} (public) samples: such "
+                "a delta allows releasing a private sample outright. Use delta well below 1/n, e.g. 1/(n ln n).",
+                WeakDeltaWarning,
+                stacklevel=3,
+            )
+        return delta, rule
+
+    def _plan(self, n: int) -> _Plan:
+        delta, rule = self._delta(n)
+        sigma, sigma_counts = self.plan_noise(delta)
+        return _Plan(delta, rule, sigma, sigma_counts, self.neighboring_relation)
 
     # ----------------------------------------------------------------------------------------- helpers
     def _fingerprint(self, key) -> str:
+        """Public facts only (configuration, components, public key): never the noise key or private data."""
         doc = {
             "pe": to_dict(self.pe),
             "privacy": to_dict(self.privacy),
@@ -344,6 +510,18 @@ class PrivateEvolution:
             "key": np.asarray(jax.random.key_data(key)).tolist(),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def _data_digest(self, noise_key: NoiseKey, images, labels, group_ids) -> str:
+        """Keyed digest of the private data: a resume on changed data would reuse noise, so it is refused."""
+        h = hashlib.sha256()
+        for a in (images, labels, group_ids):
+            if a is not None:
+                a = np.ascontiguousarray(a)
+                h.update(str(a.dtype).encode() + repr(a.shape).encode())
+                h.update(memoryview(a).cast("B"))
+        local = noise_key.digest(h.digest())
+        every = _gather_rows(np.frombuffer(bytes.fromhex(local), np.int64)[None, :])
+        return noise_key.digest(every.tobytes())
 
     def _embed(self, images, what: str) -> jax.Array:
         emb = self.embedding(images)
@@ -402,6 +580,71 @@ class PrivateEvolution:
                 metrics.update({str(k): float(v) for k, v in out.items()})
         return metrics
 
+    # ------------------------------------------------------------- the private side (votes and counts)
+    def _release_key(self, noise_key: NoiseKey, t: int, label: int) -> NoiseKey:
+        """The noise key of the release of (iteration t, class label): one per release, never reused."""
+        return noise_key.fold_in(t, label)
+
+    def _split_private(self, images, labels, group_ids) -> _Private:
+        """Embeds the private data class by class (the class mask comes before any vote or noise)."""
+        embeddings, groups = [], []
+        for y in range(self.pe.num_classes):
+            mask = labels == y
+            embeddings.append(
+                self._embed(jnp.asarray(images[mask]), f"private images of class {y}")
+            )
+            groups.append(None if group_ids is None else np.asarray(group_ids)[mask])
+        return _Private(embeddings, groups, labels, group_ids)
+
+    def _lattice_votes(self, private_emb, groups, candidates_emb):
+        kw = dict(
+            k=self.pe.k,
+            metric=self.pe.metric,
+            group_ids=groups,
+            block_size=self.speed.block_size,
+            precision=self.speed.precision,
+        )
+        if self.mesh is None:
+            return lattice_vote_histogram(private_emb, candidates_emb, **kw)
+        from pejax.sharding import sharded_lattice_vote_histogram
+
+        return sharded_lattice_vote_histogram(private_emb, candidates_emb, mesh=self.mesh, **kw)
+
+    def _noisy_votes(self, noise_key, t, y, private: _Private, candidates_emb, sigma) -> np.ndarray:
+        """The release of (t, y): lattice votes of class y's private samples plus discrete Gaussian noise."""
+        votes = self._lattice_votes(private.embeddings[y], private.groups[y], candidates_emb)
+        return release_lattice_votes(
+            self._release_key(noise_key, t, y), votes, noise_multiplier=sigma
+        )
+
+    def _global_counts(self, labels, group_ids) -> np.ndarray:
+        """Per-class sample counts (or distinct users per class) over all processes, int64."""
+        if group_ids is None:
+            all_labels = _gather_rows(labels.astype(np.int64)[:, None])[:, 0]
+            return np.bincount(all_labels, minlength=self.pe.num_classes)
+        pairs = np.unique(_gather_rows(np.stack([group_ids, labels], 1).astype(np.int64)), axis=0)
+        return np.bincount(pairs[:, 1], minlength=self.pe.num_classes)
+
+    def _class_sizes(self, noise_key, counts, sigma_counts, ledger):
+        pe, priv = self.pe, self.privacy
+        if priv.class_proportions is not None:
+            props = np.asarray(priv.class_proportions)
+            return allocate(pe.samples_per_iteration, props, pe.min_samples_per_class), {
+                "class_proportions": props.tolist(),
+                "class_proportions_source": "public (given)",
+            }
+        # Each sample (user) adds 1 to one class count: a discrete Gaussian release on integers.
+        noisy = add_discrete_gaussian_noise(
+            self._release_key(noise_key, 0, _COUNTS_LABEL), counts, sigma=sigma_counts
+        )
+        ledger.record(self._counts_release(sigma_counts))
+        props = np.maximum(noisy, 1) / np.maximum(noisy, 1).sum()
+        return allocate(pe.samples_per_iteration, props, pe.min_samples_per_class), {
+            "noisy_class_counts": [int(c) for c in noisy],
+            "class_proportions": props.tolist(),
+            "class_proportions_source": f"discrete Gaussian estimate (noise multiplier {sigma_counts:.4g})",
+        }
+
     # --------------------------------------------------------------------------------------------- run
     def run(
         self,
@@ -412,33 +655,65 @@ class PrivateEvolution:
         group_ids=None,
         resume: bool = False,
         stop_after: int | None = None,
+        noise_key: NoiseKey | None = None,
     ) -> RunResult:
         """Runs PE (or resumes it from the newest valid checkpoint when ``resume``).
 
         Args:
-          key: ``jax.random`` key; the whole run is a function of it.
+          key: public ``jax.random`` key: the generator, lookahead and selection derive from it (never the noise).
           private_images: (n, H, W, C) float in [0, 1] (text generators: (n, L) uint8 UTF-8 bytes). Only
             embedded, in memory.
           private_labels: (n,) int in [0, num_classes).
           group_ids: (n,) int user ids (required when ``privacy.user_level``).
-          resume: continue from the newest valid checkpoint in ``checkpoint_dir``; when there is none, start.
+          resume: continue from the newest valid checkpoint in ``checkpoint_dir`` (with its secret noise key);
+            when there is none, start.
           stop_after: stop (checkpointed) after this iteration, for tests and staged runs; resume later.
+          noise_key: the secret :class:`pejax.secure_noise.NoiseKey` of the DP noise. Default: from
+            ``privacy.noise_seed`` when set (reproducible, not DP), else fresh operating-system entropy.
 
         Returns:
           a :class:`RunResult` (``samples`` is the released set only when the run reached iteration T).
 
         Raises:
           BudgetExceededError: the planned releases would exceed ``privacy.epsilon``.
-          CheckpointMismatchError: the checkpoint belongs to another configuration, generator or key.
+          CheckpointMismatchError: the checkpoint belongs to another configuration, generator, key or data.
           GeneratorError: the generator failed permanently (the last checkpoint stays valid).
         """
-        pe, priv = self.pe, self.privacy
-        if not isinstance(key, jax.Array) or not (
-            jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)
-        ):
+        _check_public_key(key)
+        if noise_key is not None and not isinstance(noise_key, NoiseKey):
             raise TypeError(
-                f"key must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__}."
+                f"noise_key must be a pejax.secure_noise.NoiseKey or None, got {type(noise_key).__name__}."
             )
+        images, labels, group_ids = self._check_inputs(private_images, private_labels, group_ids)
+        counts = self._global_counts(labels, group_ids)
+        plan = self._plan(int(counts.sum()))
+        fingerprint = self._fingerprint(key)
+        progress = self._resume_or_start(
+            key, plan, fingerprint, resume, noise_key, images, labels, group_ids
+        )
+        noise_key = progress.noise_key
+        if self.privacy.epsilon is not None:
+            progress.ledger.check_budget(
+                self._planned(
+                    plan.sigma,
+                    plan.sigma_counts,
+                    start=progress.start,
+                    counts_done=any(
+                        r.description == "class counts" for r in progress.ledger.releases
+                    ),
+                ),
+                epsilon=self.privacy.epsilon,
+                accountant=self.privacy.accountant,
+            )
+        private = self._split_private(images, labels, group_ids)
+        dp_release = not noise_key.reproducible and plan.sigma > 0
+        if progress.samples is None:
+            self._initialise(key, noise_key, counts, plan, progress, dp_release)
+        final = self._loop(key, noise_key, plan, progress, private, stop_after, dp_release)
+        return self._result(final, progress, plan, dp_release)
+
+    def _check_inputs(self, private_images, private_labels, group_ids):
+        priv = self.privacy
         if priv.user_level and group_ids is None:
             raise ValueError(
                 "privacy.user_level=True needs group_ids (one user id per private sample)."
@@ -450,180 +725,196 @@ class PrivateEvolution:
         images, labels, group_ids = check_private_data(
             private_images,
             private_labels,
-            pe.num_classes,
+            self.pe.num_classes,
             group_ids,
             modality=self.generator.modality,
         )
         if group_ids is not None:
             # Per-class histograms compose in parallel only if a user's samples all lie in one class; a user
-            # spread over c classes would move c histograms (sensitivity sqrt(c)) and c class counts.
-            pairs = np.unique(np.stack([np.asarray(group_ids), labels]), axis=1)
-            users, per_user = np.unique(pairs[0], return_counts=True)
-            if (per_user > 1).any():
-                bad = int(users[per_user > 1][0])
-                classes = pairs[1][pairs[0] == bad].tolist()
-                raise ValueError(
-                    f"user-level privacy needs each user's samples in a single class, but group_ids value {bad} "
-                    f"has samples in classes {classes}. Split such users into one id per class (this "
-                    "weakens the unit of privacy to user-and-class), or run at sample level."
-                )
-        n = images.shape[0]
-        delta = priv.delta if priv.delta is not None else 1.0 / (n * math.log(n))
-        _validate.delta(delta, "privacy.delta")
-        if delta >= 1.0 / n:
-            warnings.warn(
-                f"privacy.delta={delta:g} is >= 1/n = {1.0 / n:g} for n={n} private samples: such a delta "
-                "allows releasing a private sample outright. Use delta well below 1/n, e.g. 1/(n ln n) "
-                "(the default when privacy.delta is not set).",
-                WeakDeltaWarning,
-                stacklevel=2,
-            )
-        relation = NEIGHBORING_RELATION_GROUP if priv.user_level else NEIGHBORING_RELATION_SAMPLE
-        sigma, sigma_counts = self.plan_noise(delta)
-        fingerprint = self._fingerprint(key)
+            # spread over c classes would move c histograms (sensitivity sqrt(c)) and c class counts. Checked
+            # over the users of every process.
+            pairs = _gather_rows(np.stack([np.asarray(group_ids), labels], 1).astype(np.int64))
+            _check_users_in_one_class(np.unique(pairs, axis=0))
+        return images, labels, group_ids
 
-        # ---- resume or start
-        start, samples, ledger, sizes, history, resumed_from = 0, None, None, None, [], None
+    def _resume_or_start(
+        self, key, plan, fingerprint, resume, noise_key, images, labels, group_ids
+    ):
+        progress = _Progress(
+            start=0, samples=None, ledger=None, sizes=None, history=[], resumed_from=None
+        )
+        found = None
         if resume and self.checkpoint_dir is not None:
             found = ckpt.latest_valid_checkpoint(self.checkpoint_dir)
-            if found is not None:
-                path, arrays, meta = found
-                if meta.get("fingerprint") != fingerprint:
-                    raise CheckpointMismatchError(
-                        f"checkpoint {str(path)!r} was written by a run with another configuration, "
-                        "generator, embedding or key; resume with the same settings, or use a new "
-                        "checkpoint folder."
-                    )
-                start = resumed_from = int(meta["iteration"])
-                ledger = PrivacyLedger.from_json(meta["ledger"])
-                sizes = tuple(meta["class_sizes"])
-                history = list(meta["history"])
-                samples = self._restore_samples(arrays, key)
-
-        if ledger is None:
-            ledger = PrivacyLedger(delta=delta)
-        if priv.epsilon is not None:
-            ledger.check_budget(
-                self._planned(
-                    sigma,
-                    sigma_counts,
-                    relation,
-                    start,
-                    counts_done=any(r.description == "class counts" for r in ledger.releases),
-                ),
-                epsilon=priv.epsilon,
-                accountant=priv.accountant,
-            )
-
-        per_class_priv = []
-        for y in range(pe.num_classes):
-            mask = labels == y
-            emb = self._embed(jnp.asarray(images[mask]), f"private images of class {y}")
-            per_class_priv.append((emb, None if group_ids is None else np.asarray(group_ids)[mask]))
-
-        if samples is None:
-            t0 = time.perf_counter()
-            sizes, counts_stats = self._class_sizes(
-                key, labels, sigma_counts, ledger, relation, group_ids
-            )
-            parts = []
-            for y in range(pe.num_classes):
-                k_y = jax.random.fold_in(jax.random.fold_in(key, 0), y)
-                parts.append(self.generator.random(k_y, y, sizes[y]))
-            samples = _tree_concat(parts)
-            timings = {"generation": time.perf_counter() - t0}
-            record = {
-                "iteration": 0,
-                "timings": timings,
-                "stats": counts_stats,
-                "epsilon": ledger.epsilons(),
-            }
-            label_arr = np.repeat(np.arange(pe.num_classes), sizes).astype(np.int32)
-            record["metrics"] = self._notify(
-                IterationInfo(
-                    0,
-                    self.generator.render(samples),
-                    label_arr,
-                    record["epsilon"],
-                    timings,
-                    counts_stats,
+        if found is not None:
+            path, arrays, meta = found
+            if meta.get("fingerprint") != fingerprint:
+                raise CheckpointMismatchError(
+                    f"checkpoint {str(path)!r} was written by a run with another configuration, "
+                    "generator, embedding or key; resume with the same settings, or use a new "
+                    "checkpoint folder."
                 )
+            stored = NoiseKey.import_secret(
+                meta["noise_key"], reproducible=bool(meta.get("noise_key_reproducible"))
             )
-            history.append(record)
-            self._save(
-                0, samples, label_arr, self._meta(0, ledger, sizes, history, fingerprint, sigma)
-            )
-        label_arr = np.repeat(np.arange(pe.num_classes), sizes).astype(np.int32)
+            if noise_key is not None and noise_key != stored:
+                raise CheckpointMismatchError(
+                    f"checkpoint {str(path)!r} was written with another noise key; a resume continues with "
+                    "the checkpoint's own key: pass no noise_key."
+                )
+            noise_key = _shared_noise_key(stored)
+            if meta.get("data_digest") != self._data_digest(noise_key, images, labels, group_ids):
+                raise CheckpointMismatchError(
+                    f"checkpoint {str(path)!r} was written for other private data; resuming would draw the "
+                    "same noise for different data (which would reveal their difference). Resume with the "
+                    "same private data, or start a new run in a new checkpoint folder."
+                )
+            progress.start = progress.resumed_from = int(meta["iteration"])
+            progress.ledger = PrivacyLedger.from_json(meta["ledger"])
+            progress.sizes = tuple(meta["class_sizes"])
+            progress.history = list(meta["history"])
+            progress.samples = self._restore_samples(arrays, key)
+            progress.final_labels = np.asarray(arrays["labels"])
+        else:
+            if noise_key is None:
+                seed = self.privacy.noise_seed
+                noise_key = NoiseKey.generate() if seed is None else NoiseKey.from_seed(seed)
+            noise_key = _shared_noise_key(noise_key)
+            progress.ledger = PrivacyLedger(delta=plan.delta)
+        progress.noise_key = noise_key
+        progress.fingerprint = fingerprint
+        progress.data_digest = self._data_digest(noise_key, images, labels, group_ids)
+        return progress
 
-        iterations = range(start + 1, pe.iterations + 1)
-        bar = None
-        if self.progress:
-            try:
-                from tqdm.auto import tqdm
+    def _meta(self, t: int, progress: _Progress, plan: _Plan) -> dict:
+        return {
+            "iteration": t,
+            "ledger": progress.ledger.to_json(),
+            "class_sizes": [int(s) for s in progress.sizes],
+            "history": progress.history,
+            "fingerprint": progress.fingerprint,
+            "noise_multiplier": plan.sigma,
+            # Private: the checkpoint is an owner-only artifact (see pejax.checkpoint).
+            "noise_key": progress.noise_key.export_secret(),
+            "noise_key_reproducible": progress.noise_key.reproducible,
+            "data_digest": progress.data_digest,
+        }
 
-                bar = tqdm(total=pe.iterations, initial=start, desc="PE iterations", unit="it")
-            except ImportError:  # pragma: no cover - tqdm is in the demo extra
-                bar = None
+    def _initialise(self, key, noise_key, counts, plan, progress, dp_release) -> None:
+        t0 = time.perf_counter()
+        sizes, stats = self._class_sizes(noise_key, counts, plan.sigma_counts, progress.ledger)
+        parts = [
+            self.generator.random(jax.random.fold_in(jax.random.fold_in(key, 0), y), y, sizes[y])
+            for y in range(self.pe.num_classes)
+        ]
+        progress.samples, progress.sizes = _tree_concat(parts), sizes
+        timings = {"generation": time.perf_counter() - t0}
+        record = {
+            "iteration": 0,
+            "timings": timings,
+            "stats": stats,
+            "epsilon": progress.ledger.epsilons(),
+        }
+        labels = self._labels(sizes)
+        info = IterationInfo(
+            0,
+            self.generator.render(progress.samples),
+            labels,
+            record["epsilon"],
+            timings,
+            stats,
+            dp_release=dp_release,
+        )
+        record["metrics"] = self._notify(info)
+        progress.history.append(record)
+        self._save(0, progress.samples, labels, self._meta(0, progress, plan))
+
+    def _loop(self, key, noise_key, plan, progress, private, stop_after, dp_release):
+        """Iterations start+1..T (or up to ``stop_after``); returns the released samples, if T was reached."""
+        pe = self.pe
+        bar = self._progress_bar(progress.start, dp_release)
         final_samples = None
-        for t in iterations:
+        for t in range(progress.start + 1, pe.iterations + 1):
             if stop_after is not None and t > stop_after:
                 break
-            samples, record, final_samples = self._iteration(
-                key, t, samples, sizes, per_class_priv, sigma, relation, ledger
+            step = self._iteration(
+                key, noise_key, t, progress.samples, progress.sizes, private, plan
             )
-            out_samples = final_samples if final_samples is not None else samples
+            progress.ledger.record(self._vote_release(t, plan.sigma))
+            record = {
+                "iteration": t,
+                "timings": step.timings,
+                "stats": step.stats,
+                "epsilon": progress.ledger.epsilons(),
+            }
+            final = step.final_samples is not None
+            out_samples = step.final_samples if final else step.samples
             out_labels = (
-                np.asarray(self._final_labels(sizes)) if final_samples is not None else label_arr
+                self._final_labels(progress.sizes) if final else self._labels(progress.sizes)
             )
-            record["metrics"] = self._notify(
-                IterationInfo(
-                    t,
-                    self.generator.render(out_samples),
-                    out_labels,
-                    record["epsilon"],
-                    record["timings"],
-                    record["stats"],
-                    final=final_samples is not None,
-                )
+            info = IterationInfo(
+                t,
+                self.generator.render(out_samples),
+                out_labels,
+                record["epsilon"],
+                step.timings,
+                step.stats,
+                final=final,
+                noisy_histograms=step.noisy,
+                candidates=step.candidates,
+                dp_release=dp_release,
             )
-            history.append(record)
-            meta = self._meta(t, ledger, sizes, history, fingerprint, sigma)
-            self._save(t, out_samples, out_labels, meta)
+            record["metrics"] = self._notify(info)
+            progress.history.append(record)
+            progress.samples = step.samples
+            if final:
+                final_samples, progress.final_labels = out_samples, out_labels
+            self._save(t, out_samples, out_labels, self._meta(t, progress, plan))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(eps=f"{record['epsilon'][priv.accountant]:.3g}")
+                bar.set_postfix(eps=f"{record['epsilon'][self.privacy.accountant]:.3g}")
         if bar is not None:
             bar.close()
+        return final_samples
 
-        done = len(ledger.releases) and max(r.iteration for r in ledger.releases) == pe.iterations
-        if final_samples is None and done and start == pe.iterations:
+    def _progress_bar(self, start: int, dp_release: bool):
+        if not self.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is in the demo extra
+            return None
+        desc = "PE iterations" if dp_release else "PE iterations (NOT DP: reproducible noise)"
+        return tqdm(total=self.pe.iterations, initial=start, desc=desc, unit="it")
+
+    def _result(self, final_samples, progress, plan, dp_release) -> RunResult:
+        ledger = progress.ledger
+        done = (
+            len(ledger.releases) and max(r.iteration for r in ledger.releases) == self.pe.iterations
+        )
+        if final_samples is None and done and progress.start == self.pe.iterations:
             # Resumed from the final checkpoint: its samples are already the released set.
-            final_samples = samples
-            final_labels = np.asarray(arrays["labels"])
+            final_samples, final_labels = progress.samples, progress.final_labels
         elif final_samples is not None:
-            final_labels = np.asarray(self._final_labels(sizes))
+            final_labels = progress.final_labels
         else:
-            final_samples, final_labels = samples, label_arr
+            final_samples, final_labels = progress.samples, self._labels(progress.sizes)
         return RunResult(
             samples=final_samples,
             images=self.generator.render(final_samples),
-            labels=final_labels,
+            labels=np.asarray(final_labels),
             ledger=ledger,
-            noise_multiplier=sigma,
-            class_sizes=tuple(sizes),
-            history=history,
-            resumed_from=resumed_from,
+            noise_multiplier=plan.sigma,
+            class_sizes=tuple(progress.sizes),
+            history=progress.history,
+            resumed_from=progress.resumed_from,
+            dp_release=dp_release,
+            neighboring_relation=plan.relation,
+            delta_rule=plan.delta_rule,
         )
 
-    def _meta(self, t, ledger, sizes, history, fingerprint, sigma) -> dict:
-        return {
-            "iteration": t,
-            "ledger": ledger.to_json(),
-            "class_sizes": [int(s) for s in sizes],
-            "history": history,
-            "fingerprint": fingerprint,
-            "noise_multiplier": sigma,
-        }
+    def _labels(self, sizes) -> np.ndarray:
+        return np.repeat(np.arange(self.pe.num_classes), sizes).astype(np.int32)
 
     def _final_sizes(self, sizes) -> tuple[int, ...]:
         f = self.pe.final_samples_per_class
@@ -631,136 +922,92 @@ class PrivateEvolution:
 
     def _final_labels(self, sizes) -> np.ndarray:
         """Labels of the released set, classes in order: ``_final_sizes(sizes)[y]`` of class y."""
-        return np.repeat(np.arange(self.pe.num_classes), self._final_sizes(sizes)).astype(np.int32)
+        return self._labels(self._final_sizes(sizes))
 
-    def _class_sizes(self, key, labels, sigma_counts, ledger, relation, group_ids=None):
-        pe, priv = self.pe, self.privacy
-        if priv.class_proportions is not None:
-            props = np.asarray(priv.class_proportions)
-            return allocate(pe.samples_per_iteration, props, pe.min_samples_per_class), {
-                "class_proportions": props.tolist(),
-                "class_proportions_source": "public (given)",
-            }
-        if group_ids is None:
-            counts = np.bincount(labels, minlength=pe.num_classes).astype(np.float32)
-        else:
-            # User level: count distinct users per class (each user lies in one class, checked in run()),
-            # so adding or removing a user changes one count by 1: L2 sensitivity 1.
-            pairs = np.unique(np.stack([labels, np.asarray(group_ids)]), axis=1)
-            counts = np.bincount(pairs[0], minlength=pe.num_classes).astype(np.float32)
-        noisy = np.asarray(
-            add_gaussian_noise(
-                jax.random.fold_in(key, _STREAM_COUNTS),
-                jnp.asarray(counts),
-                noise_multiplier=sigma_counts,
-            )
-        )
-        ledger.record(
-            Release(
-                iteration=0,
-                noise_multiplier=sigma_counts,
-                neighboring_relation=relation,
-                description="class counts",
-            )
-        )
-        props = np.maximum(noisy, 1.0) / np.maximum(noisy, 1.0).sum()
-        return allocate(pe.samples_per_iteration, props, pe.min_samples_per_class), {
-            "noisy_class_counts": noisy.tolist(),
-            "class_proportions": props.tolist(),
-            "class_proportions_source": f"DP estimate (noise multiplier {sigma_counts:.4g})",
-        }
-
-    def _iteration(self, key, t, samples, sizes, per_class_priv, sigma, relation, ledger):
+    # ---------------------------------------------------------------------------------- one iteration
+    def _iteration(self, key, noise_key, t, samples, sizes, private, plan) -> _Step:
         pe = self.pe
         timings = {"generation": 0.0, "embedding": 0.0, "votes": 0.0, "selection": 0.0}
         stats: dict[str, Any] = {
-            "noise_multiplier": sigma,
+            "noise_multiplier": plan.sigma,
             "degree": pe.degree(t),
             "surviving_bins": [],
             "uniform_fallback": [],
             "max_votes": [],
         }
         last = t == pe.iterations
-        final_sizes = self._final_sizes(sizes)
         kt = jax.random.fold_in(key, t)
-        new_parts, final_parts = [], []
+        outputs, noisy_all, candidates = [], [], []
         for y, cand in enumerate(_tree_slices(samples, sizes)):
-            k_look, k_noise, k_sel, k_var = jax.random.split(jax.random.fold_in(kt, y), 4)
-            degree = pe.degree(t)
-            t0 = time.perf_counter()
-            emb = self._embed_candidates(k_look, cand, y, degree)
-            emb.block_until_ready()
-            t1 = time.perf_counter()
-            priv_emb, groups = per_class_priv[y]
-            if self.mesh is None:
-                hist = vote_histogram(
-                    priv_emb,
-                    emb,
-                    k=pe.k,
-                    metric=pe.metric,
-                    group_ids=groups,
-                    block_size=self.speed.block_size,
-                    precision=self.speed.precision,
-                )
-            else:
-                from pejax.sharding import sharded_vote_histogram
-
-                hist = sharded_vote_histogram(
-                    priv_emb,
-                    emb,
-                    mesh=self.mesh,
-                    k=pe.k,
-                    metric=pe.metric,
-                    group_ids=groups,
-                    block_size=self.speed.block_size,
-                    precision=self.speed.precision,
-                )
-            noisy = add_gaussian_noise(k_noise, hist, noise_multiplier=sigma)
-            kept = threshold(noisy, threshold=pe.threshold_sigmas * sigma)
-            kept.block_until_ready()
-            t2 = time.perf_counter()
-            stats["surviving_bins"].append(int((kept > 0).sum()))
+            out, noisy, fallback, phase = self._class_step(
+                kt, noise_key, t, y, cand, sizes, private, plan
+            )
+            outputs.append(out)
+            noisy_all.append(noisy)
+            candidates.append(cand)
+            stats["surviving_bins"].append(int((noisy > pe.threshold_sigmas * plan.sigma).sum()))
             stats["max_votes"].append(float(noisy.max()))
-            n_parents = sizes[y] if last else max(1, sizes[y] // pe.variation_folds)
-            if last and pe.output == "parents":
-                n_parents = final_sizes[y]
-            mode = pe.selection_mode
-            if mode == "rank" and n_parents > sizes[y]:
-                mode = "sample"
-            sel = select_parents(k_sel, kept, num_samples=n_parents, mode=mode)
-            stats["uniform_fallback"].append(bool(sel.uniform_fallback))
-            parents = _tree_take(cand, sel.indices)
-            t3 = time.perf_counter()
-            if last and pe.output == "parents":
-                final_parts.append(self._final_from_parents(k_var, parents, sel.indices, y))
-            elif last:
-                slots = np.arange(final_sizes[y]) % n_parents
-                final_parts.append(
-                    self.generator.variation(k_var, _tree_take(parents, slots), y, pe.final_degree)
-                )
-            else:
-                slots = np.arange(sizes[y]) % n_parents
-                children = self.generator.variation(k_var, _tree_take(parents, slots), y, degree)
-                if pe.keep_selected:
-                    keep = min(n_parents, sizes[y])
-                    children = _tree_concat(
-                        [
-                            _tree_take(parents, np.arange(keep)),
-                            _tree_take(children, np.arange(keep, sizes[y])),
-                        ]
-                    )
-                new_parts.append(children)
-            t4 = time.perf_counter()
-            timings["embedding"] += t1 - t0
-            timings["votes"] += t2 - t1
-            timings["selection"] += t3 - t2
-            timings["generation"] += t4 - t3
-        ledger.record(Release(iteration=t, noise_multiplier=sigma, neighboring_relation=relation))
+            stats["uniform_fallback"].append(fallback)
+            for name, seconds in phase.items():
+                timings[name] += seconds
         timings["total"] = sum(timings.values())
-        record = {"iteration": t, "timings": timings, "stats": stats, "epsilon": ledger.epsilons()}
-        if last:
-            return samples, record, _tree_concat(final_parts)
-        return _tree_concat(new_parts), record, None
+        merged = _tree_concat(outputs)
+        return _Step(
+            samples=samples if last else merged,
+            final_samples=merged if last else None,
+            stats=stats,
+            timings=timings,
+            noisy=tuple(noisy_all),
+            candidates=tuple(candidates),
+        )
+
+    def _class_step(self, kt, noise_key, t, y, cand, sizes, private, plan):
+        """Votes, noise, selection and variation of class y at iteration t (timed by phase)."""
+        pe = self.pe
+        last = t == pe.iterations
+        k_look, k_sel, k_var = jax.random.split(jax.random.fold_in(kt, y), 3)
+        t0 = time.perf_counter()
+        emb = self._embed_candidates(k_look, cand, y, pe.degree(t))
+        emb.block_until_ready()
+        t1 = time.perf_counter()
+        noisy = self._noisy_votes(noise_key, t, y, private, emb, plan.sigma)
+        kept = threshold(noisy, threshold=pe.threshold_sigmas * plan.sigma)
+        t2 = time.perf_counter()
+        n_parents = sizes[y] if last else max(1, sizes[y] // pe.variation_folds)
+        if last and pe.output == "parents":
+            n_parents = self._final_sizes(sizes)[y]
+        mode = (
+            "sample" if pe.selection_mode == "rank" and n_parents > sizes[y] else pe.selection_mode
+        )
+        sel = select_parents(k_sel, kept, num_samples=n_parents, mode=mode)
+        parents = _tree_take(cand, sel.indices)
+        t3 = time.perf_counter()
+        out = self._offspring(k_var, t, y, parents, sel.indices, sizes, n_parents)
+        t4 = time.perf_counter()
+        phase = {
+            "embedding": t1 - t0,
+            "votes": t2 - t1,
+            "selection": t3 - t2,
+            "generation": t4 - t3,
+        }
+        return out, noisy, bool(sel.uniform_fallback), phase
+
+    def _offspring(self, k_var, t, y, parents, indices, sizes, n_parents):
+        """The next candidates of class y (or, at t = T, its released samples) from its selected parents."""
+        pe = self.pe
+        if t == pe.iterations:
+            if pe.output == "parents":
+                return self._final_from_parents(k_var, parents, indices, y)
+            slots = np.arange(self._final_sizes(sizes)[y]) % n_parents
+            return self.generator.variation(k_var, _tree_take(parents, slots), y, pe.final_degree)
+        slots = np.arange(sizes[y]) % n_parents
+        children = self.generator.variation(k_var, _tree_take(parents, slots), y, pe.degree(t))
+        if not pe.keep_selected:
+            return children
+        keep = min(n_parents, sizes[y])
+        return _tree_concat(
+            [_tree_take(parents, np.arange(keep)), _tree_take(children, np.arange(keep, sizes[y]))]
+        )
 
     def _final_from_parents(self, key, parents, indices, label):
         """Released set from the last selection: the first copy of each parent as it is, repeats varied."""
@@ -777,3 +1024,37 @@ class PrivateEvolution:
             return jnp.where(m, a, b)
 
         return jax.tree_util.tree_map(pick, parents, varied)
+
+
+def _check_public_key(key) -> None:
+    if not isinstance(key, jax.Array) or not (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)
+    ):
+        raise TypeError(
+            f"key must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__}."
+        )
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Mutable driver state of one run (what a checkpoint restores)."""
+
+    start: int
+    samples: Any
+    ledger: PrivacyLedger | None
+    sizes: tuple[int, ...] | None
+    history: list[dict]
+    resumed_from: int | None
+    final_labels: np.ndarray | None = None
+    noise_key: NoiseKey | None = None
+    fingerprint: str = ""
+    data_digest: str = ""
+
+
+class _Step(NamedTuple):
+    samples: Any
+    final_samples: Any
+    stats: dict[str, Any]
+    timings: dict[str, float]
+    noisy: tuple[np.ndarray, ...]
+    candidates: tuple[Any, ...]

@@ -407,6 +407,7 @@ def _build(
     block_size,
     key_block_size,
     precision,
+    lattice=False,
 ):
     num_shards = math.prod(mesh.shape[a] for a in axes)
     spec = PartitionSpec(axes)
@@ -426,13 +427,16 @@ def _build(
         if not grouped:
             votes = jnp.repeat(valid.astype(jnp.int32), k)
             counts = jnp.zeros((m,), jnp.int32).at[idx.reshape(-1)].add(votes)
-            return _scale_counts(lax.psum(counts, axes), k)
+            total = lax.psum(counts, axes)
+            return total if lattice else _scale_counts(total, k)
         # Groups may span shards: gather the (small) indices and compute the user-level histogram on every
         # device exactly as on one device, with the padded rows removed and the row order kept.
         idx_all = lax.all_gather(idx, axes, tiled=True)
         valid_all = lax.all_gather(valid, axes, tiled=True)
         groups_all = lax.all_gather(groups, axes, tiled=True)
         order = jnp.argsort(jnp.logical_not(valid_all), stable=True)[:num_rows]
+        if lattice:  # the (small) indices and ids: the exact integer snapping runs on the host
+            return idx_all[order], groups_all[order]
         return _votes.group_votes_from_indices(idx_all[order], groups_all[order], num_bins=m, k=k)
 
     keys_spec = spec if shard_synthetic else PartitionSpec()
@@ -459,6 +463,7 @@ def sharded_vote_histogram(
     block_size: int | None = None,
     key_block_size: int | None = None,
     precision: str = "highest",
+    _lattice: bool = False,
 ) -> jax.Array:
     """:func:`pejax.vote_histogram` with the private rows sharded over a device mesh (one host or many).
 
@@ -574,10 +579,24 @@ def sharded_vote_histogram(
         block_size=block_size,
         key_block_size=key_block_size,
         precision=precision,
+        lattice=_lattice,
     )
     hist = fn(q, valid, keys_arr, group_arr)
+    if _lattice:
+        if groups is None:
+            return _votes.sample_lattice(np.asarray(hist.addressable_data(0)), k=k)
+        idx, grp = (np.asarray(a.addressable_data(0)) for a in hist)
+        return _votes.user_lattice(idx, grp, num_bins=m, k=k)
     # The result is replicated: hand back this process's copy as an ordinary array (m floats).
     return jnp.asarray(np.asarray(hist.addressable_data(0)))
+
+
+def sharded_lattice_vote_histogram(private, synthetic, *, mesh: Mesh, **kwargs):
+    """:func:`pejax.votes.lattice_vote_histogram` sharded as :func:`sharded_vote_histogram` (same arguments).
+
+    Returns a :class:`pejax.votes.LatticeVotes`, the same on every process.
+    """
+    return sharded_vote_histogram(private, synthetic, mesh=mesh, _lattice=True, **kwargs)
 
 
 def _put_sharded_keys(mesh: Mesh, axes: tuple[str, ...], synthetic: np.ndarray) -> jax.Array:
@@ -671,6 +690,7 @@ def sharded_noisy_histogram(
 __all__ = [
     "initialize_distributed",
     "is_checkpoint_writer",
+    "sharded_lattice_vote_histogram",
     "sharded_noisy_histogram",
     "sharded_vote_histogram",
 ]

@@ -10,6 +10,8 @@ sensitivity under the add/remove-one neighbouring relation is :data:`HISTOGRAM_S
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,39 @@ HISTOGRAM_SENSITIVITY = 1.0
 
 NEIGHBORING_RELATION_SAMPLE = "add_or_remove_one_sample"
 NEIGHBORING_RELATION_GROUP = "add_or_remove_one_group"
+REPLACE_ONE_SAMPLE = "replace_one_sample"
+REPLACE_ONE_GROUP = "replace_one_group"
+NEIGHBORING_RELATIONS = (
+    NEIGHBORING_RELATION_SAMPLE,
+    NEIGHBORING_RELATION_GROUP,
+    REPLACE_ONE_SAMPLE,
+    REPLACE_ONE_GROUP,
+)
+"""Neighbouring relations a release can be accounted under. Add/remove: n is private. Replace-one: n is public,
+and one sample (or user) is swapped for another, possibly of another class."""
+REPLACE_RELATIONS = (REPLACE_ONE_SAMPLE, REPLACE_ONE_GROUP)
+
+USER_LATTICE_BITS = 16
+"""User-level votes are snapped (towards zero) to multiples of 2^-16 before the discrete Gaussian noise."""
+_MAX_USER_BIN_VOTES = 1 << 15
+
+
+class LatticeVotes(NamedTuple):
+    """Vote histogram on an integer lattice: the input of the discrete Gaussian mechanism.
+
+    Attributes:
+      counts: (m,) int64 lattice votes; the histogram in vote units is ``counts * scale``.
+      scale: vote units per lattice unit: ``1/sqrt(k)`` at sample level, ``2^-16`` at user level.
+      unit_changes: adding or removing one sample changes ``counts`` by +-1 in at most this many bins (k);
+        ``None`` at user level, where a user changes it by an integer vector of L2 norm <= ``l2_sensitivity``.
+      l2_sensitivity: L2 sensitivity of ``counts`` in lattice units under add/remove one sample (``sqrt(k)``)
+        or one user (``2^16``); always ``1 / scale`` (the histogram's sensitivity is 1 in vote units).
+    """
+
+    counts: np.ndarray
+    scale: float
+    unit_changes: int | None
+    l2_sensitivity: float
 
 
 def histogram_sensitivity(*, user_level: bool = False) -> float:
@@ -200,8 +235,104 @@ def _votes_from(indices, groups, *, m, k):
     return group_votes_from_indices(indices, groups, num_bins=m, k=k)
 
 
+def sample_lattice(counts, *, k: int) -> LatticeVotes:
+    """Sample-level lattice votes from integer vote counts (each sample adds 1 to k distinct bins)."""
+    counts = np.asarray(counts).astype(np.int64)
+    return LatticeVotes(counts, 1.0 / math.sqrt(k), k, math.sqrt(k))
+
+
+def user_lattice(indices, groups, *, num_bins: int, k: int) -> LatticeVotes:
+    """User-level lattice votes: each user's normalised vote vector snapped towards zero to the 2^-16 grid.
+
+    For user g with c_gb of its samples' votes in bin b, its vote vector is ``c_gb / sqrt(sum_b c_gb^2)`` (norm
+    1, as :func:`group_votes_from_indices`); its lattice vector is ``q_gb = floor(2^16 c_gb / sqrt(S_g))`` with
+    ``S_g = sum_b c_gb^2``, computed in exact integer arithmetic, so ``||q_g||_2 <= 2^16`` holds exactly.
+
+    Args:
+      indices: (n, k) int neighbour indices in [0, num_bins), distinct within a row.
+      groups: (n,) int dense user ids.
+      num_bins: m.
+      k: neighbours per sample.
+
+    Returns:
+      :class:`LatticeVotes` with ``scale = 2^-16`` and ``l2_sensitivity = 2^16``.
+    """
+    idx = np.asarray(indices).astype(np.int64).reshape(-1)
+    grp = np.repeat(np.asarray(groups).astype(np.int64), k)
+    pairs, c = np.unique(grp * num_bins + idx, return_counts=True)
+    if c.size and c.max() > _MAX_USER_BIN_VOTES:
+        raise ValueError(
+            f"a user has {int(c.max())} samples voting for one candidate (more than {_MAX_USER_BIN_VOTES}); "
+            "split such users, or cap the samples per user before the run."
+        )
+    g = pairs // num_bins
+    c = c.astype(np.int64)
+    sq = np.zeros(int(g.max()) + 1 if g.size else 0, np.int64)
+    np.add.at(sq, g, c * c)
+    s_g = sq[g]
+    unit = 1 << USER_LATTICE_BITS
+    num = c * c * unit * unit  # < 2^30 * 2^32: fits int64
+    q = np.floor(np.sqrt(num / s_g)).astype(np.int64)
+    # Exact correction of the float estimate: q = max{q : q^2 S <= c^2 2^32}.
+    for _ in range(2):
+        q = np.where(q * q * s_g > num, q - 1, q)
+        q = np.where((q + 1) * (q + 1) * s_g <= num, q + 1, q)
+    counts = np.zeros(num_bins, np.int64)
+    np.add.at(counts, pairs % num_bins, q)
+    return LatticeVotes(counts, 1.0 / unit, None, float(unit))
+
+
+def lattice_vote_histogram(
+    private: jax.Array,
+    synthetic: jax.Array,
+    *,
+    k: int = 1,
+    metric: str = "l2",
+    group_ids=None,
+    block_size: int | None = None,
+    key_block_size: int | None = None,
+    precision: str = "highest",
+) -> LatticeVotes:
+    """:func:`vote_histogram` on its integer lattice, for the discrete Gaussian mechanism.
+
+    Same arguments and validation as :func:`vote_histogram`. ``counts * scale`` equals its histogram (at user
+    level, up to the snapping to the 2^-16 grid, which only shrinks each user's vector).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v = lattice_vote_histogram(jnp.array([[0.0], [0.1], [0.9]]), jnp.array([[0.0], [1.0]]))
+      >>> v.counts.tolist(), v.scale
+      ([2, 1], 1.0)
+    """
+    private, synthetic = _nn.check_pair(
+        private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
+    )
+    groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
+    indices = _nn.nearest_neighbors(
+        private,
+        synthetic,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    ).indices
+    m = synthetic.shape[0]
+    if groups is None:
+        return sample_lattice(_counts(indices, m=m), k=k)
+    return user_lattice(np.asarray(indices), np.asarray(groups), num_bins=m, k=k)
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def _counts(indices, *, m):
+    return jnp.zeros((m,), jnp.int32).at[indices.reshape(-1)].add(1)
+
+
 __all__ = [
     "HISTOGRAM_SENSITIVITY",
+    "NEIGHBORING_RELATIONS",
+    "LatticeVotes",
     "histogram_sensitivity",
+    "lattice_vote_histogram",
     "vote_histogram",
 ]
