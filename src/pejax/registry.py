@@ -13,8 +13,9 @@ a one-line doc, so unknown keys are refused with a did-you-mean hint, missing re
 Builders import their heavy dependencies (torch, diffusers, transformers, Flax) inside the function body, so
 ``import pejax`` stays light, and a missing package names the pejax extra to install.
 
-Adding a component is one decorated function. For example, a new generator kind (a module of its own, or this
-one)::
+Adding a component is one decorated function in the module of its registry under ``pejax/_components/``
+(``generators.py``, ``embeddings.py``, ``data.py``, ``metrics.py``), or in a new module imported at the end of
+this one. For example, a new generator kind::
 
     @register(
         "generator",
@@ -31,7 +32,7 @@ one)::
     def _openai_chat(opts: dict, ctx: BuildContext):
         from pejax.generators.openai_chat import OpenAIChatGenerator   # heavy import inside the builder
 
-        return OpenAIChatGenerator(model=opts["model"], prompts=class_prompts(opts, ctx))
+        return OpenAIChatGenerator(model=opts["model"], prompts=class_prompts(opts, ctx, "generator"))
 
 ``opts`` holds every declared option (defaults filled in, unknown keys already refused); ``ctx`` tells the
 builder the run's number of classes, class names and data shape. Nothing else changes: the config driver
@@ -294,7 +295,8 @@ def _json_default(value: Any) -> Any:
     return value
 
 
-def _path(name: str, value: Any) -> str:
+def check_path(name: str, value: Any) -> str:
+    """``value`` as a path string; anything else is refused naming the config key ``name``."""
     if not isinstance(value, str | pathlib.PurePath) or not str(value):
         raise ValueError(f"{name} must be a path (a string), got {value!r}.")
     return str(value)
@@ -323,9 +325,9 @@ def class_prompts(opts: dict[str, Any], ctx: BuildContext, where: str) -> tuple[
     return tuple(prompts)
 
 
-# -------------------------------------------------------------------------------------------- generators
+# ------------------------------------------------------------------------------------------- torch
 
-_TORCH_OPTIONS = (
+TORCH_OPTIONS = (
     Option(
         "device",
         "auto",
@@ -361,460 +363,7 @@ def torch_placement(opts: dict[str, Any], extra: str) -> dict[str, Any]:
     return opts
 
 
-@register(
-    "generator",
-    "glyphs",
-    doc="JAX glyph simulator: fonts and handwritten forms rendered from parameters (the digits demo)",
-    extra="demo",
-    modality="image",
-    options=(
-        Option("image_size", 32, "side of the square images it renders"),
-        Option("texts", None, "the text drawn for each class; default the class numbers"),
-        Option("fonts", None, "font files; default matplotlib's bundled fonts"),
-        Option("handwriting", False, "also draw digits in common handwritten forms"),
-        Option("prior", None, "table of GlyphPrior fields, e.g. {warp = 0.06}"),
-        Option("warp_grid", 4, "side of the elastic-warp grid"),
-        Option("atlas_size", 64, "side of each glyph's distance field in the atlas"),
-    ),
-)
-def _glyphs(opts, ctx):
-    from pejax.generators.glyphs import GlyphPrior
-    from pejax.generators.glyphs import GlyphSimulator
-
-    texts = opts["texts"]
-    texts = tuple(str(i) for i in range(ctx.num_classes)) if texts is None else tuple(texts)
-    if len(texts) != ctx.num_classes:
-        raise ValueError(
-            f"generator.texts has {len(texts)} entries but pe.num_classes is {ctx.num_classes}."
-        )
-    kw = {k: opts[k] for k in ("image_size", "handwriting", "warp_grid", "atlas_size")}
-    if opts["fonts"] is not None:
-        kw["fonts"] = tuple(opts["fonts"])
-    if opts["prior"] is not None:
-        fields = tuple(f.name for f in dataclasses.fields(GlyphPrior))
-        prior = _validate.known_keys("config section [generator.prior]", opts["prior"], fields)
-        kw["prior"] = GlyphPrior(
-            **{k: v if isinstance(v, int | float) else tuple(v) for k, v in prior.items()}
-        )
-    return GlyphSimulator(texts=texts, **kw)
-
-
-@register(
-    "generator",
-    "flax-ddpm",
-    doc="pejax's JAX diffusion sampler (DDIM/DDPM, SDEdit variation) on a Flax UNet checkpoint",
-    extra="flax",
-    modality="image",
-    options=(
-        Option(
-            "path",
-            REQUIRED,
-            "checkpoint folder written by pejax's trainer (experiments/train_flax_ddpm.py)",
-        ),
-        Option("num_steps", 50, "sampler steps of a full trajectory"),
-        Option("sampler", "ddim", "'ddim' (deterministic) or 'ddpm' (ancestral)"),
-        Option("clip_denoised", True, "clip the predicted clean image to [-1, 1] at every step"),
-        Option("batch_size", 128, "most rows per compiled call (speed only)"),
-    ),
-)
-def _flax_ddpm(opts, ctx):
-    try:
-        from pejax.generators.diffusion import FlaxDiffusionGenerator
-    except ImportError as e:
-        raise ImportError(
-            f"generator kind 'flax-ddpm' needs Flax, optax and orbax ({e}): pip install 'pejax[flax]'."
-        ) from e
-    path = _path("generator.path", opts["path"])
-    gen = FlaxDiffusionGenerator.from_checkpoint(
-        path,
-        num_steps=opts["num_steps"],
-        sampler=opts["sampler"],
-        clip_denoised=opts["clip_denoised"],
-        batch_size=opts["batch_size"],
-        name=f"flax-ddpm:{pathlib.Path(path).name}",
-    )
-    if gen.class_conditional and gen.num_classes != ctx.num_classes:
-        raise ValueError(
-            f"the checkpoint {path!r} is conditioned on {gen.num_classes} classes but pe.num_classes is "
-            f"{ctx.num_classes}."
-        )
-    return gen
-
-
-@register(
-    "generator",
-    "diffusers",
-    doc="a saved Diffusers DDPM/DDIM pipeline (pixel UNet2DModel, class-conditional or not); SDEdit variation",
-    extra="diffusers",
-    modality="image",
-    options=(
-        Option("path", REQUIRED, "folder written by pipeline.save_pretrained() (model_index.json)"),
-        Option("num_inference_steps", None, "sampling steps; default 1000 (DDPM) or 50 (DDIM)"),
-        Option("eta", 0.0, "DDIM's eta (0: deterministic steps)"),
-        Option("batch_size", 16, "images per UNet call (speed only)"),
-        *_TORCH_OPTIONS,
-    ),
-)
-def _diffusers(opts, ctx):
-    from pejax.generators.hf_diffusers import DiffusersGenerator
-
-    opts = torch_placement(opts, "diffusers")
-    gen = DiffusersGenerator.from_pretrained(_path("generator.path", opts.pop("path")), **opts)
-    if gen.num_classes is not None and gen.num_classes != ctx.num_classes:
-        raise ValueError(
-            f"the pipeline's UNet has {gen.num_classes} class embeddings but pe.num_classes is "
-            f"{ctx.num_classes}."
-        )
-    return gen
-
-
-@register(
-    "generator",
-    "stable-diffusion",
-    doc="a saved Stable Diffusion pipeline: text-to-image RANDOM, image-to-image VARIATION",
-    extra="diffusers",
-    modality="image",
-    options=(
-        Option("path", REQUIRED, "folder written by pipeline.save_pretrained() (model_index.json)"),
-        Option("prompts", None, "one prompt per class; default prompt_template per class name"),
-        Option(
-            "prompt_template", "a photo of a {name}", "prompt of class {name} when prompts is unset"
-        ),
-        Option("negative_prompt", None, "negative prompt for every class"),
-        Option("guidance_scale", 7.5, "classifier-free guidance scale"),
-        Option("num_inference_steps", 50, "text-to-image steps; img2img runs degree times as many"),
-        Option("height", None, "image height (multiple of 8); default the UNet's"),
-        Option("width", None, "image width (multiple of 8); default the UNet's"),
-        Option("batch_size", 4, "images per pipeline call (speed only)"),
-        *_TORCH_OPTIONS,
-    ),
-)
-def _stable_diffusion(opts, ctx):
-    from pejax.generators.hf_diffusers import StableDiffusionGenerator
-
-    prompts = class_prompts(opts, ctx, "generator")
-    opts = {k: v for k, v in opts.items() if k not in ("prompts", "prompt_template")}
-    opts = torch_placement(opts, "diffusers")
-    return StableDiffusionGenerator.from_pretrained(
-        _path("generator.path", opts.pop("path")), prompts=prompts, **opts
-    )
-
-
-@register(
-    "generator",
-    "causal-lm",
-    doc="a saved transformers causal LM as an Aug-PE text generator (prompted RANDOM, fill-in VARIATION)",
-    extra="text",
-    modality="text",
-    options=(
-        Option(
-            "path",
-            REQUIRED,
-            "folder written by model.save_pretrained() and tokenizer.save_pretrained()",
-        ),
-        Option("prompts", None, "one prompt per class; default prompt_template per class name"),
-        Option(
-            "prompt_template",
-            "A text about {name}:",
-            "prompt of class {name} when prompts is unset",
-        ),
-        Option("max_new_tokens", 64, "tokens written by RANDOM, and the cap of a rewrite"),
-        Option("max_bytes", 512, "byte length of a text sample (longer texts are truncated)"),
-        Option("temperature", 1.0, "softmax temperature"),
-        Option("top_k", 0, "keep the k most likely tokens (0: all)"),
-        Option("top_p", 1.0, "nucleus sampling mass (1: off)"),
-        Option(
-            "variation_mode", "fill", "'fill' (any LM) or 'rewrite' (instruction-following LMs)"
-        ),
-        Option(
-            "rewrite_template",
-            None,
-            "prompt of 'rewrite' with {prompt}, {mask}, {words}, {masked}; default Aug-PE's",
-        ),
-        Option("mask_token", "_", "blank shown for a masked word ('rewrite')"),
-        Option("word_tokens", 4, "tokens written to fill one blank ('fill')"),
-        Option("length_factor", 1.2, "adaptive length of a rewrite, in tokens of the original"),
-        Option("length_slack", 4, "extra tokens allowed to a rewrite"),
-        Option("batch_size", 16, "texts per generate call (speed only)"),
-        *_TORCH_OPTIONS,
-    ),
-)
-def _causal_lm(opts, ctx):
-    from pejax.generators.text import CausalLMTextGenerator
-
-    prompts = class_prompts(opts, ctx, "generator")
-    opts = {k: v for k, v in opts.items() if k not in ("prompts", "prompt_template")}
-    if opts["rewrite_template"] is None:
-        del opts["rewrite_template"]
-    opts = torch_placement(opts, "text")
-    return CausalLMTextGenerator.from_pretrained(
-        _path("generator.path", opts.pop("path")), prompts=prompts, **opts
-    )
-
-
-# -------------------------------------------------------------------------------------------- embeddings
-
-
-def _label(name: str, opts: dict[str, Any]) -> str:
-    shown = {k: v for k, v in opts.items() if v is not None}
-    return name + ("" if not shown else json.dumps(shown, sort_keys=True, default=list))
-
-
-@register(
-    "embedding",
-    "pixels",
-    doc="raw pixels, flattened (no options)",
-    modality="image",
-)
-def _pixels(opts, ctx):
-    from pejax.embeddings import pixel_embedding
-
-    return pixel_embedding, "pixels"
-
-
-@register(
-    "embedding",
-    "resize",
-    doc="pixels resized (area average) to the private data's resolution, then flattened",
-    modality="image",
-    options=(
-        Option("size", None, "[height, width]; default the private images' size"),
-        Option("channels", None, "1 (grey) or 3 (RGB); default the private images' channels"),
-    ),
-)
-def _resize(opts, ctx):
-    from pejax.embeddings import get_embedding
-
-    opts = dict(opts)
-    opts["size"] = tuple(ctx.data_shape[1:3] if opts["size"] is None else opts["size"])
-    if opts["channels"] is None:
-        opts["channels"] = int(ctx.data_shape[3])
-    return get_embedding("resize", **opts), _label("resize", opts)
-
-
-@register(
-    "embedding",
-    "vision",
-    doc="a saved transformers vision model (CLIP, DINOv2, ViT...): its image features",
-    extra="diffusers",
-    modality="image",
-    options=(
-        Option(
-            "path",
-            REQUIRED,
-            "folder written by model.save_pretrained() and image_processor.save_pretrained()",
-        ),
-        Option("batch_size", 64, "images per forward pass (speed only)"),
-        Option("device", "auto", "torch device, or 'auto' (CUDA when torch sees one)"),
-        Option("dtype", "float32", "weights dtype, or 'auto' (float16 on CUDA)"),
-        Option("image_size", None, "input size overriding the processor config"),
-        Option("image_mean", None, "per-channel mean overriding the processor config"),
-        Option("image_std", None, "per-channel std overriding the processor config"),
-    ),
-)
-def _vision(opts, ctx):
-    from pejax.hf_embeddings import TransformersImageEmbedding
-
-    opts = torch_placement(opts, "diffusers")
-    path = _path("embedding.path", opts.pop("path"))
-    if isinstance(opts["image_size"], list):
-        opts["image_size"] = tuple(opts["image_size"])
-    fn = TransformersImageEmbedding.from_pretrained(path, **opts)
-    return fn, fn.__name__
-
-
-@register(
-    "embedding",
-    "sentence",
-    doc="a sentence-transformers model (default the bundled all-MiniLM-L6-v2) on text samples",
-    extra="text",
-    modality="text",
-    options=(
-        Option(
-            "path", None, "sentence-transformers model folder; default the bundled all-MiniLM-L6-v2"
-        ),
-        Option("batch_size", 64, "texts per forward pass (speed only)"),
-        Option("device", "auto", "torch device, or 'auto' (CUDA when torch sees one)"),
-        Option("normalize", True, "L2-normalise each embedding"),
-    ),
-)
-def _sentence(opts, ctx):
-    from pejax.hf_embeddings import SentenceTransformerEmbedding
-
-    opts = torch_placement(opts, "text")
-    path = opts.pop("path")
-    fn = SentenceTransformerEmbedding(
-        None if path is None else _path("embedding.path", path), **opts
-    )
-    return fn, fn.__name__
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-def _group_ids(values: np.ndarray, n: int, where: str) -> np.ndarray:
-    values = np.asarray(values)
-    if values.shape != (n,):
-        raise ValueError(
-            f"{where} must hold one user id per private sample ({n},), got shape {values.shape}."
-        )
-    if values.dtype.kind in "iu":
-        return values.astype(np.int64)
-    if values.dtype.kind in "USO":
-        return np.unique(values.astype(str), return_inverse=True)[1].astype(np.int64)
-    raise TypeError(f"{where} must hold integer or string user ids, got dtype {values.dtype}.")
-
-
-@register(
-    "data",
-    "digits",
-    doc="scikit-learn's bundled 8 x 8 digits (1347 private, 450 held out for evaluation)",
-    extra="demo",
-    modality="image",
-)
-def _digits(opts, ctx):
-    from pejax.data import load_digits_split
-
-    s = load_digits_split()
-    names = tuple(str(i) for i in range(10))
-    return Dataset(
-        s.train_images, s.train_labels, s.test_images, s.test_labels, None, names, "image"
-    )
-
-
-@register(
-    "data",
-    "npz",
-    doc="an .npz archive of images and labels (never unpickled); optional user ids",
-    modality="image",
-    options=(
-        Option("path", REQUIRED, "the private .npz archive"),
-        Option("test_path", None, "a held-out .npz for evaluation"),
-        Option(
-            "images_key",
-            "images",
-            "name of the images array (N, H, W[, C]), uint8 or float in [0, 1]",
-        ),
-        Option("labels_key", "labels", "name of the labels array (N,)"),
-        Option("group_ids_key", None, "name of a (N,) user-id array: user-level privacy"),
-    ),
-)
-def _npz(opts, ctx):
-    from pejax.data import load_npz
-
-    kw = {"images_key": opts["images_key"], "labels_key": opts["labels_key"]}
-    path = _path("data.path", opts["path"])
-    train = load_npz(path, **kw)
-    groups = None
-    if opts["group_ids_key"] is not None:
-        key = opts["group_ids_key"]
-        with np.load(path, allow_pickle=False) as archive:
-            if key not in archive.files:
-                raise KeyError(
-                    f"{path!r} has no array {key!r} (data.group_ids_key); arrays present: {sorted(archive.files)}."
-                )
-            try:
-                raw = archive[key]
-            except ValueError as e:
-                raise ValueError(
-                    f"array {key!r} in {path!r} holds Python objects, never unpickled."
-                ) from e
-        groups = _group_ids(raw, len(train.labels), f"data.group_ids_key array {key!r}")
-    test = (
-        None
-        if opts["test_path"] is None
-        else load_npz(_path("data.test_path", opts["test_path"]), **kw)
-    )
-    return Dataset(
-        train.images,
-        train.labels,
-        None if test is None else test.images,
-        None if test is None else test.labels,
-        groups,
-        None,
-        "image",
-    )
-
-
-@register(
-    "data",
-    "folder",
-    doc="a folder with one subfolder of images per class (the class names are the folder names)",
-    extra="demo",
-    modality="image",
-    options=(
-        Option("path", REQUIRED, "root folder: path/<class name>/<image file>"),
-        Option("test_path", None, "a held-out folder of the same layout for evaluation"),
-    ),
-)
-def _folder(opts, ctx):
-    from pejax.data import load_image_folder
-
-    train = load_image_folder(_path("data.path", opts["path"]))
-    test = None
-    if opts["test_path"] is not None:
-        test = load_image_folder(_path("data.test_path", opts["test_path"]))
-        if test.class_names != train.class_names:
-            raise ValueError(
-                f"data.test_path has classes {list(test.class_names)} but data.path has "
-                f"{list(train.class_names)}; both need the same class folders."
-            )
-    return Dataset(
-        train.images,
-        train.labels,
-        None if test is None else test.images,
-        None if test is None else test.labels,
-        None,
-        train.class_names,
-        "image",
-    )
-
-
-@register(
-    "data",
-    "text",
-    doc="texts with labels from a JSONL or CSV file; optional user ids",
-    modality="text",
-    options=(
-        Option("path", REQUIRED, "the private .jsonl or .csv file"),
-        Option("test_path", None, "a held-out file of the same layout for evaluation"),
-        Option("text_column", "text", "the column (JSONL key) holding the text"),
-        Option("label_column", "label", "the column holding the class (integers or names)"),
-        Option("group_column", None, "a column of user ids: user-level privacy"),
-        Option("max_bytes", 2048, "private texts are cut to this many UTF-8 bytes"),
-    ),
-)
-def _text(opts, ctx):
-    from pejax.data import load_texts
-    from pejax.generators.text_codec import encode_texts
-
-    max_bytes = _validate.positive_int("data.max_bytes", opts["max_bytes"])
-    cols = {k: opts[k] for k in ("text_column", "label_column", "group_column")}
-    train = load_texts(_path("data.path", opts["path"]), **cols)
-    test = None
-    if opts["test_path"] is not None:
-        test = load_texts(
-            _path("data.test_path", opts["test_path"]),
-            **cols | {"group_column": None},
-            class_names=train.class_names,
-        )
-    groups = None
-    if train.group_ids is not None:
-        groups = _group_ids(
-            train.group_ids, len(train.labels), f"data.group_column {opts['group_column']!r}"
-        )
-    return Dataset(
-        encode_texts(train.texts, max_bytes),
-        train.labels,
-        None if test is None else encode_texts(test.texts, max_bytes),
-        None if test is None else test.labels,
-        groups,
-        train.class_names,
-        "text",
-    )
-
-
-# --------------------------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------------ metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -834,73 +383,6 @@ class EvalContext:
     embed: Callable[[Any], Any]
     modality: str
     classifier_c: float
-
-
-@register(
-    "metric",
-    "accuracy",
-    doc="accuracy on the held-out split of a logistic regression (C = run.classifier_c) fit on the synthetic set",
-    extra="demo",
-)
-def _accuracy(opts, ectx: EvalContext):
-    from pejax.metrics import downstream_accuracy
-
-    if ectx.modality == "image":
-        size = tuple(ectx.test_samples.shape[1:3])
-
-        def accuracy(samples, labels):
-            return downstream_accuracy(
-                samples, labels, ectx.test_samples, ectx.test_labels, size=size, C=ectx.classifier_c
-            )
-
-        return accuracy
-    test_emb = np.asarray(ectx.embed(ectx.test_samples), np.float64)
-
-    def text_accuracy(samples, labels):
-        return embedding_accuracy(
-            np.asarray(ectx.embed(samples), np.float64),
-            labels,
-            test_emb,
-            ectx.test_labels,
-            ectx.classifier_c,
-        )
-
-    return text_accuracy
-
-
-def embedding_accuracy(train_emb, train_labels, test_emb, test_labels, C: float) -> float:
-    """Test accuracy of ``LogisticRegression(C)`` fit on (train_emb, train_labels); one class: a constant guess."""
-    train_labels = np.asarray(train_labels)
-    test_labels = np.asarray(test_labels)
-    classes = np.unique(train_labels)
-    if classes.size == 1:
-        return float(np.mean(test_labels == classes[0]))
-    try:
-        from sklearn.linear_model import LogisticRegression
-    except ImportError as e:
-        raise ImportError(
-            "the 'accuracy' metric needs scikit-learn, which is not installed: pip install 'pejax[demo]'."
-        ) from e
-
-    clf = LogisticRegression(C=C, max_iter=1000).fit(train_emb, train_labels)
-    return float(clf.score(test_emb, test_labels))
-
-
-@register(
-    "metric",
-    "frechet",
-    doc="Frechet distance between the synthetic and held-out sets in the evaluation embedding",
-)
-def _frechet(opts, ectx: EvalContext):
-    from pejax.metrics import frechet_distance
-
-    test_emb = np.asarray(ectx.embed(ectx.test_samples))
-
-    def frechet(samples, labels):
-        del labels
-        return frechet_distance(np.asarray(ectx.embed(samples)), test_emb)
-
-    return frechet
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -1057,11 +539,20 @@ def update_readme(path: str | pathlib.Path) -> bool:
     return True
 
 
+# The built-in components register themselves on import (after every name above exists).
+from pejax._components import data as _data  # noqa: E402, F401
+from pejax._components import embeddings as _embeddings  # noqa: E402, F401
+from pejax._components import generators as _generators  # noqa: E402, F401
+from pejax._components import metrics as _metrics  # noqa: E402, F401
+
 if __name__ == "__main__":  # pragma: no cover - developer tool: python -m pejax.registry README.md
     import sys
 
+    # Run as a script this file is __main__, a second copy; the components registered in pejax.registry.
+    from pejax import registry as _registry
+
     for arg in sys.argv[1:] or ["README.md"]:
-        print(f"{arg}: {'updated' if update_readme(arg) else 'up to date'}")
+        print(f"{arg}: {'updated' if _registry.update_readme(arg) else 'up to date'}")
 
 
 __all__ = [
@@ -1069,15 +560,16 @@ __all__ = [
     "KIND_KEYS",
     "REGISTRIES",
     "REQUIRED",
+    "TORCH_OPTIONS",
     "BuildContext",
     "Component",
     "Dataset",
     "EvalContext",
     "Option",
     "build",
+    "check_path",
     "class_prompts",
     "describe",
-    "embedding_accuracy",
     "get",
     "markdown",
     "names",
@@ -1086,6 +578,7 @@ __all__ = [
     "register",
     "split_kind",
     "text",
+    "torch_placement",
     "unregister",
     "update_readme",
 ]
