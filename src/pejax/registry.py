@@ -38,7 +38,7 @@ this one. For example, a new generator kind::
 builder the run's number of classes, class names and data shape. Nothing else changes: the config driver
 (:mod:`pejax.experiment`), ``pejax components`` and the README's generated table pick the new kind up, and the
 test that compares the README with :func:`markdown` says when the README needs regenerating
-(``pejax components --markdown``).
+(``python -m pejax.registry README.md``; ``pejax components --markdown`` prints the same block).
 """
 
 from __future__ import annotations
