@@ -135,6 +135,7 @@ def test_generator_prior_from_config():
     sim = build_generator({"image_size": 8, "prior": {"warp": 0.06, "ink": [0.9, 1.0]}}, 2)
     assert sim.prior.warp == 0.06 and sim.prior.ink == (0.9, 1.0)
     with pytest.raises(
-        ValueError, match=r"unknown key\(s\) \['wrap'\] in config section \[generator.prior\]"
+        ValueError,
+        match=r"unknown key\(s\) in config section \[generator.prior\]: 'wrap' \(did you mean 'warp'\?\)",
     ):
         build_generator({"prior": {"wrap": 0.06}}, 2)

@@ -89,7 +89,7 @@ def test_load_toml_and_yaml(tmp_path):
         ("bad.toml", "[pe\nx=1", "not valid TOML"),
         ("bad.yaml", "pe: [1, 2", "not valid YAML"),
         ("x.json", "{}", "must end in .toml"),
-        ("s.toml", "[models]\nx = 1\n", r"unknown section\(s\) \['models'\]"),
+        ("s.toml", "[models]\nx = 1\n", r"unknown section\(s\) \[models\] in config file"),
     ],
 )
 def test_bad_config_files(tmp_path, name, text, match):

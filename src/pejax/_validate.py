@@ -117,3 +117,37 @@ def matrix(name: str, x: Any, *, allow_traced: bool = True) -> jax.Array:
             f"{row}; drop or repair those rows before voting."
         )
     return jax.numpy.asarray(x)
+
+
+def did_you_mean(word: str, options) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def known_keys(where: str, values: Any, valid) -> dict:
+    """Returns ``values`` as a dict after refusing keys outside ``valid`` with a did-you-mean hint.
+
+    Args:
+      where: how the config names the table, e.g. ``"config section [generator] (kind 'diffusers')"``.
+      values: the table (``None`` is an empty table).
+      valid: the accepted keys.
+
+    Raises:
+      ValueError: ``values`` is not a table, or holds an unknown key (the message lists the valid ones).
+    """
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{where} must be a table of keys, got {type(values).__name__}: {values!r}."
+        )
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        hints = ", ".join(f"{k!r}{did_you_mean(k, valid)}" for k in unknown)
+        raise ValueError(
+            f"unknown key(s) in {where}: {hints}. Valid keys: {', '.join(sorted(valid))}."
+        )
+    return dict(values)

@@ -1,4 +1,4 @@
-"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax account``, ``pejax audit``."""
+"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax components``, ``pejax account``, ``pejax audit``."""
 
 from __future__ import annotations
 
@@ -55,11 +55,53 @@ def _demo(args) -> int:
     return 0
 
 
+def apply_overrides(config: dict, items) -> dict:
+    """Applies ``--set section.key=value`` overrides (value parsed as TOML, else taken as a string)."""
+    import tomllib
+
+    from pejax.config import check_sections
+
+    for item in items or ():
+        target, sep, raw = item.partition("=")
+        path = target.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise ValueError(
+                f"--set takes section.key=value (e.g. --set data.path=/data/cifar10), got {item!r}."
+            )
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        check_sections({path[0]: None}, f"--set {item!r}")
+        table = config
+        for part in path[:-1]:
+            nxt = table.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a table in the config.")
+            table = nxt
+        table[path[-1]] = value
+    return config
+
+
+def _components(args) -> int:
+    import json
+
+    from pejax import registry
+
+    if args.json:
+        print(json.dumps(registry.describe(), indent=2))
+    elif args.markdown:
+        print(registry.markdown(), end="")
+    else:
+        print(registry.text(), end="")
+    return 0
+
+
 def _run(args) -> int:
     from pejax.config import load_config_file
     from pejax.experiment import run_experiment
 
-    config = load_config_file(args.config)
+    config = apply_overrides(load_config_file(args.config), args.set)
     out = args.out or (config.get("run") or {}).get("out")
     if out is None:
         print("pejax run: give --out DIR or run.out in the config file.", file=sys.stderr)
@@ -94,7 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None)
     run.add_argument("--resume", action="store_true")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax, e.g. --set pe.iterations=2); repeatable",
+    )
     run.set_defaults(fn=_run)
+
+    comp = sub.add_parser(
+        "components",
+        help="every generator kind, embedding, data source and metric a config can name, with its keys",
+    )
+    fmt = comp.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable JSON")
+    fmt.add_argument("--markdown", action="store_true", help="the README's configuration reference")
+    comp.set_defaults(fn=_components)
 
     acc = sub.add_parser("account", help="noise multiplier and epsilon under every accountant")
     acc.add_argument("--epsilon", type=float, default=None)
@@ -147,7 +204,7 @@ def main(argv=None) -> int:
         _enable_compilation_cache()
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError, ImportError) as e:
         print(f"pejax {args.command}: error: {e}", file=sys.stderr)
         return 1
 

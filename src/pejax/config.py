@@ -216,12 +216,18 @@ class SpeedConfig:
         float32 re-check; for GPUs and TPUs; not with a device mesh).
       generator_retries: times a failing generator call is retried before the run stops.
       retry_backoff_s: first wait between retries in seconds (doubles after each failure).
+      devices: vote over a device mesh: a device count (a 1-D mesh) or a mesh shape such as ``[2, 4]``
+        (``None``: one device). The votes are the same on any mesh.
+      private_stream: path of a ``.npy`` file of private embeddings (one row per private sample, in the
+        data's order), streamed in chunks instead of embedding the private data in memory.
     """
 
     block_size: int | None = None
     precision: str = "highest"
     generator_retries: int = 2
     retry_backoff_s: float = 0.5
+    devices: int | tuple[int, ...] | None = None
+    private_stream: str | None = None
 
     def __post_init__(self):
         if self.block_size is not None:
@@ -229,33 +235,37 @@ class SpeedConfig:
         _validate.one_of("speed.precision", self.precision, PRECISIONS)
         _validate.positive_int("speed.generator_retries", self.generator_retries, minimum=0)
         _validate.finite_float("speed.retry_backoff_s", self.retry_backoff_s, minimum=0.0)
+        if self.devices is not None:
+            shape = (self.devices,) if isinstance(self.devices, int | bool) else self.devices
+            if (
+                not isinstance(shape, tuple | list)
+                or not shape
+                or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)
+            ):
+                raise ValueError(
+                    "speed.devices must be a device count >= 1 or a mesh shape of such counts (e.g. "
+                    f"[2, 4]), got {self.devices!r}."
+                )
+            object.__setattr__(
+                self, "devices", shape[0] if isinstance(self.devices, int) else tuple(shape)
+            )
+        if self.private_stream is not None:
+            if not isinstance(self.private_stream, str | pathlib.PurePath):
+                raise TypeError(
+                    "speed.private_stream must be the path of a .npy file of private embeddings, got "
+                    f"{self.private_stream!r}."
+                )
+            object.__setattr__(self, "private_stream", str(self.private_stream))
 
 
 def _build(cls, section: str, values: Any):
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(
-            f"config section [{section}] must be a table, got {type(values).__name__}."
-        )
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        import difflib
-
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            f"unknown key(s) in config section [{section}]: {', '.join(hints)}. "
-            f"Valid keys: {', '.join(sorted(fields))}."
-        )
+    values = _validate.known_keys(f"config section [{section}]", values, fields)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
 
 
-SECTIONS = ("privacy", "pe", "speed", "data", "generator", "embedding", "run")
+SECTIONS = ("privacy", "pe", "speed", "data", "generator", "embedding", "evaluation", "run")
 
 
 def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
@@ -286,12 +296,18 @@ def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml.")
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a table of sections.")
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown section(s) {unknown} in config file {str(path)!r}; valid sections: {list(SECTIONS)}."
-        )
+    check_sections(data, f"config file {str(path)!r}")
     return data
+
+
+def check_sections(config: dict, where: str = "the config") -> None:
+    """Refuses unknown top-level sections, with a did-you-mean hint."""
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        hints = ", ".join(f"[{k}]{_validate.did_you_mean(k, SECTIONS)}" for k in unknown)
+        raise ValueError(
+            f"unknown section(s) {hints} in {where}; valid sections: {', '.join(SECTIONS)}."
+        )
 
 
 def privacy_from_dict(values) -> PrivacyConfig:
@@ -308,13 +324,7 @@ def speed_from_dict(values) -> SpeedConfig:
 
 def check_keys(section: str, values: dict | None, allowed: tuple[str, ...]) -> dict:
     """Refuses keys outside ``allowed`` in a free-form config section (data, generator, embedding, run)."""
-    values = dict(values or {})
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in config section [{section}]; valid keys: {sorted(allowed)}."
-        )
-    return values
+    return _validate.known_keys(f"config section [{section}]", values, allowed)
 
 
 def to_dict(config) -> dict[str, Any]:

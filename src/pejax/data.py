@@ -399,3 +399,147 @@ __all__ = [
     "load_image_folder",
     "load_npz",
 ]
+
+
+class LabeledTexts(NamedTuple):
+    """Texts with labels (and optional user ids), from :func:`load_texts`.
+
+    Attributes:
+      texts: N strings.
+      labels: (N,) int32 in 0..len(class_names) - 1.
+      class_names: the class names in label order (integer labels: ``"0"``, ``"1"``, ...).
+      group_ids: (N,) user ids as read (strings or integers), or ``None``.
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    group_ids: np.ndarray | None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        import json
+
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {i} of {str(path)!r} is not valid JSON: {e}") from e
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"line {i} of {str(path)!r} must be a JSON object such as "
+                    f'{{"text": "...", "label": 0}}, got {type(row).__name__}.'
+                )
+            rows.append(row)
+        return rows
+    if suffix == ".csv":
+        import csv
+
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"text file {str(path)!r} must end in .jsonl or .csv.")
+
+
+def load_texts(
+    path: str | os.PathLike[str],
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    group_column: str | None = None,
+    class_names: tuple[str, ...] | None = None,
+) -> LabeledTexts:
+    """Loads labelled texts from a JSONL file (one JSON object a line) or a CSV file with a header row.
+
+    Labels are integers (JSON numbers, or CSV cells holding integers), used as they are, or class names,
+    numbered in sorted order. Give ``class_names`` (those of the training file) to read a test file with the
+    same numbering.
+
+    Args:
+      path: a ``.jsonl`` or ``.csv`` file.
+      text_column: the key or column holding the text.
+      label_column: the key or column holding the class.
+      group_column: the key or column holding a user id (user-level privacy), or ``None``.
+      class_names: known class names in label order (names in the file must be among them).
+
+    Returns:
+      ``LabeledTexts(texts, labels, class_names, group_ids)``.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: another suffix, malformed rows, a missing column (the message names the row), an empty
+        file, negative labels, or names outside ``class_names``.
+
+    Example:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "t.csv")
+      >>> _ = open(path, "w").write("text,label\\nfine day,sun\\nwet,rain\\n")
+      >>> d = load_texts(path)
+      >>> d.texts, d.labels.tolist(), d.class_names
+      (['fine day', 'wet'], [1, 0], ('rain', 'sun'))
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist.")
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"text file {str(path)!r} holds no rows.")
+    columns = [("text_column", text_column), ("label_column", label_column)]
+    if group_column is not None:
+        columns.append(("group_column", group_column))
+    texts, raw_labels, groups = [], [], []
+    for i, row in enumerate(rows, start=1):
+        for arg, col in columns:
+            if col not in row or row[col] is None:
+                raise ValueError(
+                    f"row {i} of {str(path)!r} has no {col!r} ({arg}); its keys: {sorted(row)}."
+                )
+        text = row[text_column]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"row {i} of {str(path)!r}: {text_column!r} must be a string, got {text!r}."
+            )
+        texts.append(text)
+        raw_labels.append(row[label_column])
+        if group_column is not None:
+            groups.append(row[group_column])
+
+    def as_int(v):
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            return int(v)
+        return None
+
+    ints = [as_int(v) for v in raw_labels]
+    if all(v is not None for v in ints):
+        labels = np.asarray(ints, np.int64)
+        if labels.min() < 0:
+            raise ValueError(f"labels in {str(path)!r} must be >= 0, got {int(labels.min())}.")
+        names = class_names or tuple(str(i) for i in range(int(labels.max()) + 1))
+        if labels.max() >= len(names):
+            raise ValueError(
+                f"label {int(labels.max())} in {str(path)!r} is outside the {len(names)} known classes."
+            )
+    else:
+        str_labels = [str(v) for v in raw_labels]
+        names = class_names or tuple(sorted(set(str_labels)))
+        index = {n: j for j, n in enumerate(names)}
+        unknown = sorted(set(str_labels) - set(index))
+        if unknown:
+            raise ValueError(
+                f"labels {unknown} in {str(path)!r} are not among the classes {list(names)}."
+            )
+        labels = np.asarray([index[v] for v in str_labels], np.int64)
+    group_ids = None
+    if group_column is not None:
+        group_ids = np.asarray(
+            groups if all(isinstance(g, int) for g in groups) else [str(g) for g in groups]
+        )
+    return LabeledTexts(texts, labels.astype(np.int32), tuple(names), group_ids)

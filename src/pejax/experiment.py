@@ -1,13 +1,14 @@
 """A whole run from a configuration dict: data, generator, embedding, PE, evaluation and output files.
 
-This is the driver behind ``pejax demo`` and ``pejax run CONFIG``. Evaluation metrics are computed on the
-held-out real test set only (never on the private training set) and do not steer the run.
+This is the driver behind ``pejax demo`` and ``pejax run CONFIG``. Components are built by name through
+:mod:`pejax.registry` (``pejax components`` lists them). Evaluation metrics are computed on the held-out real
+test set only (never on the private training set) and do not steer the run.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import inspect
 import json
 import math
 import pathlib
@@ -20,6 +21,7 @@ import numpy as np
 from pejax import _validate
 from pejax import checkpoint as ckpt
 from pejax import config as cfg
+from pejax import registry
 from pejax import reporting
 from pejax.runner import NOT_DP_NOTICE
 from pejax.runner import IterationInfo
@@ -58,85 +60,101 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 RUN_KEYS = ("seed", "evaluate", "out", "classifier_c")
-DATA_KEYS = ("source", "path", "test_path", "images_key", "labels_key")
-GENERATOR_KEYS = ("kind", "image_size", "texts", "fonts", "prior", "handwriting")
-EMBEDDING_KEYS = ("name", "size", "channels")
+EVALUATION_KEYS = ("metrics", "embedding")
+# Names of the metrics in reports (the demo's reports have always used these).
+REPORT_NAMES = {"accuracy": "test_accuracy", "frechet": "frechet_distance"}
 
 
 class OutputFolderError(ValueError):
     """The output folder holds files of another run."""
 
 
-def load_data(section: dict):
-    """Returns (train_images, train_labels, test_images | None, test_labels | None)."""
-    from pejax import data as data_mod
-
-    section = cfg.check_keys("data", section, DATA_KEYS)
-    source = section.get("source", "digits")
-    if source == "digits":
-        split = data_mod.load_digits_split()
-        return split.train_images, split.train_labels, split.test_images, split.test_labels
-    if source == "npz":
-        if "path" not in section:
-            raise ValueError(
-                "data.source = 'npz' needs data.path (an .npz with images and labels)."
-            )
-        kw = {k: section[k] for k in ("images_key", "labels_key") if k in section}
-        train = data_mod.load_npz(section["path"], **kw)
-        test = data_mod.load_npz(section["test_path"], **kw) if "test_path" in section else None
-    elif source == "folder":
-        if "path" not in section:
-            raise ValueError(
-                "data.source = 'folder' needs data.path (a folder with one subfolder a class)."
-            )
-        train = data_mod.load_image_folder(section["path"])
-        test = data_mod.load_image_folder(section["test_path"]) if "test_path" in section else None
-    else:
-        raise ValueError(f"data.source must be 'digits', 'npz' or 'folder', got {source!r}.")
-    if test is None:
-        return train.images, train.labels, None, None
-    return train.images, train.labels, test.images, test.labels
+def load_dataset(section: dict | None) -> registry.Dataset:
+    """Builds the ``[data]`` table's source (default ``"digits"``) through the data registry."""
+    return registry.build("data", section, None, "[data]")
 
 
-def build_generator(section: dict, num_classes: int):
-    section = cfg.check_keys("generator", section, GENERATOR_KEYS)
-    kind = section.pop("kind", "glyphs")
-    if kind != "glyphs":
-        raise ValueError(f"generator.kind must be 'glyphs', got {kind!r}.")
-    from pejax.generators.glyphs import GlyphSimulator
+def load_data(section: dict | None):
+    """Returns (train_samples, train_labels, test_samples | None, test_labels | None) of ``[data]``."""
+    d = load_dataset(section)
+    return d.samples, d.labels, d.test_samples, d.test_labels
 
-    if "texts" in section:
-        section["texts"] = tuple(section["texts"])
-    else:
-        section["texts"] = tuple(str(i) for i in range(num_classes))
-    if len(section["texts"]) != num_classes:
+
+def _numbered(num_classes: int) -> tuple[str, ...]:
+    return tuple(str(i) for i in range(num_classes))
+
+
+def build_generator(
+    section: dict | None, num_classes: int, ctx: registry.BuildContext | None = None
+):
+    """Builds the ``[generator]`` table's kind (default ``"glyphs"``) through the generator registry."""
+    if ctx is None:
+        ctx = registry.BuildContext(num_classes, _numbered(num_classes), (), "image")
+    return registry.build("generator", section, ctx, "[generator]")
+
+
+def build_embedding(
+    section: dict | None, private_shape, modality: str = "image", where: str = "[embedding]"
+):
+    """Builds an embedding table (default ``"resize"`` for images, ``"sentence"`` for text); returns (fn, label)."""
+    section = dict(section or {})
+    if "name" not in section and modality == "text":
+        section["name"] = "sentence"
+    comp, _ = registry.split_kind("embedding", section, where)
+    if comp.modality is not None and comp.modality != modality:
         raise ValueError(
-            f"generator.texts has {len(section['texts'])} entries but pe.num_classes is {num_classes}."
+            f"embedding {comp.name!r} ({where}) embeds {comp.modality}s but the data are {modality}s; "
+            f"choose one of {[c for c in registry.names('embedding') if registry.get('embedding', c).modality in (None, modality)]}."
         )
-    if "fonts" in section:
-        section["fonts"] = tuple(section["fonts"])
-    if "prior" in section:
-        from pejax.generators.glyphs import GlyphPrior
+    ctx = registry.BuildContext(0, (), tuple(private_shape), modality)
+    return registry.build("embedding", section, ctx, where)
 
-        fields = tuple(f.name for f in dataclasses.fields(GlyphPrior))
-        prior = cfg.check_keys("generator.prior", section["prior"], fields)
-        section["prior"] = GlyphPrior(
-            **{k: v if isinstance(v, int | float) else tuple(v) for k, v in prior.items()}
+
+def build_mesh(devices):
+    """A ``jax.sharding.Mesh`` over the first devices for ``speed.devices`` (a count or a shape), or ``None``."""
+    if devices is None:
+        return None
+    from jax.sharding import Mesh
+
+    shape = (devices,) if isinstance(devices, int) else tuple(devices)
+    total = math.prod(shape)
+    available = jax.devices()
+    if total > len(available):
+        raise ValueError(
+            f"speed.devices = {devices!r} needs {total} devices but JAX sees {len(available)} "
+            f"({available[0].platform}); lower speed.devices or run where more devices are visible."
         )
-    return GlyphSimulator(**section)
+    names = ("data",) if len(shape) == 1 else tuple(f"data{i}" for i in range(len(shape)))
+    return Mesh(np.asarray(available[:total], dtype=object).reshape(shape), names)
 
 
-def build_embedding(section: dict, private_shape):
-    from pejax.embeddings import get_embedding
-
-    section = cfg.check_keys("embedding", section, EMBEDDING_KEYS)
-    name = section.pop("name", "resize")
-    if name == "resize":
-        section["size"] = tuple(section.get("size", private_shape[1:3]))
-        section.setdefault("channels", int(private_shape[3]))
-    fn = get_embedding(name, **section)
-    label = name + ("" if not section else json.dumps(section, sort_keys=True, default=list))
-    return fn, label
+def check_private_stream(path: str, num_samples: int) -> tuple[int, int]:
+    """Checks that ``speed.private_stream`` is a .npy file of (num_samples, D) floats; returns its shape."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"speed.private_stream {path!r} does not exist; give a .npy file of private embeddings "
+            "(pejax.streaming.embed_to_memmap writes one)."
+        )
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"speed.private_stream {path!r} is not a readable .npy file: {e}") from e
+    if (
+        not isinstance(arr, np.ndarray)
+        or arr.ndim != 2
+        or not np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"speed.private_stream {path!r} must hold a 2-D float array (n, D) of private embeddings, got "
+            f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}."
+        )
+    if arr.shape[0] != num_samples:
+        raise ValueError(
+            f"speed.private_stream {path!r} has {arr.shape[0]} rows but [data] has {num_samples} private "
+            "samples: it needs one embedding per private sample, in the data's order."
+        )
+    return int(arr.shape[0]), int(arr.shape[1])
 
 
 def check_output_folder(out: pathlib.Path, resume: bool) -> None:
@@ -157,23 +175,88 @@ def check_output_folder(out: pathlib.Path, resume: bool) -> None:
         )
 
 
-def _evaluator(test_images, test_labels, emb_size, classifier_c):
-    from pejax.embeddings import resize_embedding
-    from pejax.metrics import downstream_accuracy
-    from pejax.metrics import frechet_distance
+def _privacy_section(config: dict, data: registry.Dataset) -> dict:
+    """The ``[privacy]`` table, with ``user_level`` set when the data carries user ids."""
+    section = dict(config.get("privacy") or {})
+    if data.group_ids is not None:
+        if section.get("user_level", True) is not True:
+            raise ValueError(
+                "[data] gives user ids (data.group_ids_key / data.group_column) but privacy.user_level is "
+                "false; set it to true (or drop the user ids for a sample-level run)."
+            )
+        section["user_level"] = True
+    elif section.get("user_level", False):
+        raise ValueError(
+            "privacy.user_level = true needs one user id per private sample: set data.group_ids_key "
+            "(source 'npz') or data.group_column (source 'text')."
+        )
+    return section
 
-    test_emb = np.asarray(resize_embedding(test_images, size=emb_size))
+
+def _evaluator(ev_section, data, embedding, emb_label, classifier_c):
+    """The evaluation callback and the evaluation embedding's label."""
+    metrics = ev_section.get("metrics")
+    metrics = list(registry.names("metric")) if metrics is None else metrics
+    if isinstance(metrics, str) or not isinstance(metrics, list | tuple):
+        raise ValueError(f"evaluation.metrics must be a list of metric names, got {metrics!r}.")
+    if "embedding" in ev_section or data.modality == "image":
+        embed, label = build_embedding(
+            ev_section.get("embedding"),
+            data.samples.shape,
+            data.modality,
+            where="[evaluation.embedding]",
+        )
+    else:
+        embed, label = embedding, emb_label
+    ectx = registry.EvalContext(
+        data.test_samples, data.test_labels, embed, data.modality, classifier_c
+    )
+    fns = {
+        REPORT_NAMES.get(name, name): registry.get("metric", name).builder({}, ectx)
+        for name in metrics
+    }
 
     def evaluate(info: IterationInfo) -> dict[str, float]:
-        images = np.asarray(info.images)
-        acc = downstream_accuracy(images, info.labels, test_images, test_labels, C=classifier_c)
-        syn_emb = np.asarray(
-            resize_embedding(images, size=emb_size, channels=test_images.shape[-1])
-        )
-        fd = frechet_distance(syn_emb, test_emb)
-        return {"test_accuracy": acc, "frechet_distance": fd}
+        samples = np.asarray(info.images)
+        return {name: fn(samples, info.labels) for name, fn in fns.items()}
 
-    return evaluate
+    return evaluate, label
+
+
+def _write_outputs(out: pathlib.Path, result, data, class_names, notice) -> list[str]:
+    """Writes the released set: synthetic.npz and samples.png, or synthetic.jsonl for text.
+
+    ``notice`` (a not-DP warning) is stored in every output: in the .npz and the PNG as the reporting module
+    does, and as a ``notice`` field of every JSONL row.
+    """
+    if data.modality == "text":
+        from pejax.generators.text_codec import decode_texts
+
+        texts = decode_texts(np.asarray(result.images))
+        extra = {} if notice is None else {"notice": notice}
+        rows = [
+            {"text": t, "label": int(y), "class_name": class_names[int(y)], **extra}
+            for t, y in zip(texts, np.asarray(result.labels), strict=True)
+        ]
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        tmp = out / ".synthetic.jsonl.tmp"
+        tmp.write_text(body, encoding="utf-8")
+        tmp.replace(out / "synthetic.jsonl")
+        return ["synthetic.jsonl"]
+    reporting.write_synthetic(out / "synthetic.npz", result.images, result.labels, notice=notice)
+    reporting.save_samples_png(out / "samples.png", result.images, result.labels, notice=notice)
+    return ["synthetic.npz", "samples.png"]
+
+
+def _config_parts(config: dict, data: registry.Dataset):
+    """Checks every table of ``config`` and builds the configs (nothing heavy is loaded)."""
+    cfg.check_sections(config)
+    run_section = cfg.check_keys("run", config.get("run"), RUN_KEYS)
+    ev_section = cfg.check_keys("evaluation", config.get("evaluation"), EVALUATION_KEYS)
+    pe = cfg.pe_from_dict(config.get("pe"))
+    privacy = cfg.privacy_from_dict(_privacy_section(config, data))
+    speed = cfg.speed_from_dict(config.get("speed"))
+    return run_section, ev_section, pe, privacy, speed
 
 
 def run_experiment(
@@ -186,13 +269,13 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Runs a configured experiment and writes its outputs to ``out``; returns the report dict."""
     config = copy.deepcopy(config)
-    unknown = sorted(set(config) - set(cfg.SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; valid: {list(cfg.SECTIONS)}.")
-    run_section = cfg.check_keys("run", config.get("run"), RUN_KEYS)
-    pe = cfg.pe_from_dict(config.get("pe"))
-    privacy = cfg.privacy_from_dict(config.get("privacy"))
-    speed = cfg.speed_from_dict(config.get("speed"))
+    cfg.check_sections(config)
+    # Check the fixed tables before loading anything (typos fail fast).
+    cfg.check_keys("run", config.get("run"), RUN_KEYS)
+    cfg.check_keys("evaluation", config.get("evaluation"), EVALUATION_KEYS)
+    cfg.pe_from_dict(config.get("pe"))
+    cfg.speed_from_dict(config.get("speed"))
+    run_section = dict(config.get("run") or {})
     # The evaluation classifier's C (scikit-learn's default 1.0 unless the config fixes it).
     classifier_c = _validate.finite_float(
         "run.classifier_c", run_section.get("classifier_c", 1.0), minimum=0.0, strict=True
@@ -203,13 +286,42 @@ def run_experiment(
     out = pathlib.Path(out)
     check_output_folder(out, resume)
 
-    train_x, train_y, test_x, test_y = load_data(config.get("data"))
-    generator = build_generator(config.get("generator"), pe.num_classes)
-    embedding, emb_label = build_embedding(config.get("embedding"), train_x.shape)
+    data = load_dataset(config.get("data"))
+    run_section, ev_section, pe, privacy, speed = _config_parts(config, data)
+    class_names = data.class_names or _numbered(pe.num_classes)
+    if data.class_names is not None and len(data.class_names) != pe.num_classes:
+        raise ValueError(
+            f"[data] has {len(data.class_names)} classes ({list(data.class_names)}) but pe.num_classes is "
+            f"{pe.num_classes}."
+        )
+    gen_comp, _ = registry.split_kind("generator", config.get("generator"), "[generator]")
+    if gen_comp.modality is not None and gen_comp.modality != data.modality:
+        raise ValueError(
+            f"generator kind {gen_comp.name!r} makes {gen_comp.modality}s but data.source "
+            f"{(config.get('data') or {}).get('source', 'digits')!r} holds {data.modality}s."
+        )
+    stream_shape = None
+    if speed.private_stream is not None:
+        stream_shape = check_private_stream(speed.private_stream, int(data.labels.shape[0]))
+        if "private_stream" not in inspect.signature(PrivateEvolution.run).parameters:
+            raise ValueError(
+                f"speed.private_stream = {speed.private_stream!r} is a valid file of {stream_shape[0]} x "
+                f"{stream_shape[1]} private embeddings, but this pejax's PrivateEvolution.run cannot stream "
+                "private embeddings yet; remove speed.private_stream to embed the private data in memory."
+            )
+    mesh = build_mesh(speed.devices)
+    ctx = registry.BuildContext(
+        pe.num_classes, class_names, tuple(data.samples.shape), data.modality
+    )
+    generator = build_generator(config.get("generator"), pe.num_classes, ctx)
+    embedding, emb_label = build_embedding(
+        config.get("embedding"), data.samples.shape, data.modality
+    )
 
-    callbacks = []
-    if run_section.get("evaluate", True) and test_x is not None:
-        callbacks.append(_evaluator(test_x, test_y, tuple(train_x.shape[1:3]), classifier_c))
+    callbacks, eval_label = [], None
+    if run_section.get("evaluate", True) and data.test_samples is not None:
+        evaluate, eval_label = _evaluator(ev_section, data, embedding, emb_label, classifier_c)
+        callbacks.append(evaluate)
 
     out.mkdir(parents=True, exist_ok=True)
     runner = PrivateEvolution(
@@ -222,18 +334,25 @@ def run_experiment(
         checkpoint_dir=out / "checkpoints",
         callbacks=callbacks,
         progress=progress,
+        mesh=mesh,
     )
+    run_kw: dict[str, Any] = {"resume": resume}
+    if data.group_ids is not None:
+        run_kw["group_ids"] = data.group_ids
+    if speed.private_stream is not None:
+        run_kw["private_stream"] = speed.private_stream
     t0 = time.perf_counter()
-    result = runner.run(jax.random.key(seed), train_x, train_y, resume=resume)
+    result = runner.run(jax.random.key(seed), data.samples, data.labels, **run_kw)
     wall = time.perf_counter() - t0
 
     notice = None if result.dp_release else NOT_DP_NOTICE
-    reporting.write_synthetic(out / "synthetic.npz", result.images, result.labels, notice=notice)
-    reporting.save_samples_png(out / "samples.png", result.images, result.labels, notice=notice)
+    written = _write_outputs(out, result, data, class_names, notice)
     eps = result.ledger.epsilons()
+    unit = "user" if privacy.user_level else "sample"
     report = {
         "pejax_version": __import__("pejax").__version__,
         **({} if result.dp_release else {"WARNING": NOT_DP_NOTICE}),
+        "modality": data.modality,
         "privacy": {
             "differentially_private": result.dp_release,
             "target_epsilon": privacy.epsilon,
@@ -245,6 +364,7 @@ def run_experiment(
             "noise_multiplier": result.noise_multiplier,
             "iterations": pe.iterations,
             "accountant": privacy.accountant,
+            "unit_of_privacy": unit,
             "epsilon_spent": eps,
             "releases": [
                 {
@@ -271,11 +391,14 @@ def run_experiment(
             "run": run_section | {"seed": seed},
             "data": config.get("data", {}),
             "generator": config.get("generator", {}),
+            "generator_name": generator.name if hasattr(generator, "name") else gen_comp.name,
             "embedding": emb_label,
+            "evaluation": {"metrics": ev_section.get("metrics"), "embedding": eval_label},
             "pe": cfg.to_dict(pe),
             "privacy": cfg.to_dict(privacy),
             "speed": cfg.to_dict(speed),
         },
+        "class_names": list(class_names),
         "class_sizes": list(result.class_sizes),
         "num_synthetic": int(result.labels.shape[0]),
         "resumed_from": result.resumed_from,
@@ -287,14 +410,15 @@ def run_experiment(
     reporting.write_json(out / "report.json", report)
     reporting.save_metrics_png(out / "metrics.png", result.history, accountant=privacy.accountant)
     eps_str = ", ".join(f"{k} {v:.4g}" for k, v in eps.items())
+    what = "texts" if data.modality == "text" else "images"
     echo(
-        f"pejax: {report['num_synthetic']} synthetic images in {wall:.1f} s; "
+        f"pejax: {report['num_synthetic']} synthetic {what} in {wall:.1f} s; "
         f"noise multiplier {result.noise_multiplier:.4g}, delta {result.ledger.delta:.3g}; "
         f"epsilon spent: {eps_str}."
     )
     if final:
         echo("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
-    echo(f"wrote {out}/synthetic.npz, report.json, samples.png, metrics.png")
+    echo(f"wrote {out}/{', '.join([*written, 'report.json', 'metrics.png'])}")
     if not math.isfinite(eps[privacy.accountant]):
         echo("warning: noise multiplier 0: this run is NOT differentially private.")
     elif not result.dp_release:

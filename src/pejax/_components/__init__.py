@@ -1,0 +1,1 @@
+"""Built-in components of :mod:`pejax.registry`, one module per registry (private: use the registry)."""
