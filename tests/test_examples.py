@@ -119,6 +119,30 @@ def test_digits_example_runs_and_a_one_device_mesh_votes_the_same(tmp_path):
     np.testing.assert_array_equal(a[1], b[1])
 
 
+@pytest.mark.slow
+def test_private_stream_from_a_config_votes_like_in_memory(tmp_path):
+    """speed.private_stream: the private embeddings are read from a .npy file, class by class, in chunks."""
+    from pejax.data import load_digits_split
+    from pejax.embeddings import get_embedding
+
+    sizes = (
+        "pe.samples_per_iteration=60",
+        "pe.iterations=1",
+        "pe.lookahead_degree=1",
+        "pe.final_samples_per_class=6",
+        "privacy.noise_seed=0",  # reproducible noise, to compare two runs
+        "run.evaluate=false",
+    )
+    d = load_digits_split()
+    stream = tmp_path / "private.npy"
+    np.save(stream, np.asarray(get_embedding("resize", size=(8, 8), channels=1)(d.train_images)))
+    _run("digits.toml", tmp_path / "a", *sizes)
+    _run("digits.toml", tmp_path / "b", *sizes, f"speed.private_stream={stream}")
+    a, b = _synthetic(tmp_path / "a"), _synthetic(tmp_path / "b")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
 # ------------------------------------------------------------------------------------ user-level npz
 
 

@@ -8,7 +8,6 @@ test set only (never on the private training set) and do not steer the run.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import pathlib
@@ -300,15 +299,8 @@ def run_experiment(
             f"generator kind {gen_comp.name!r} makes {gen_comp.modality}s but data.source "
             f"{(config.get('data') or {}).get('source', 'digits')!r} holds {data.modality}s."
         )
-    stream_shape = None
     if speed.private_stream is not None:
-        stream_shape = check_private_stream(speed.private_stream, int(data.labels.shape[0]))
-        if "private_stream" not in inspect.signature(PrivateEvolution.run).parameters:
-            raise ValueError(
-                f"speed.private_stream = {speed.private_stream!r} is a valid file of {stream_shape[0]} x "
-                f"{stream_shape[1]} private embeddings, but this pejax's PrivateEvolution.run cannot stream "
-                "private embeddings yet; remove speed.private_stream to embed the private data in memory."
-            )
+        check_private_stream(speed.private_stream, int(data.labels.shape[0]))
     mesh = build_mesh(speed.devices)
     ctx = registry.BuildContext(
         pe.num_classes, class_names, tuple(data.samples.shape), data.modality

@@ -158,8 +158,15 @@ class _Plan(NamedTuple):
     relation: str
 
 
+class _StreamRows(NamedTuple):
+    """Class y's private embeddings as rows of a ``.npy`` file (or array), voted in chunks, never loaded whole."""
+
+    source: Any
+    rows: np.ndarray
+
+
 class _Private(NamedTuple):
-    """Private embeddings by class (in memory only), with their user ids."""
+    """Private embeddings by class (in memory, or :class:`_StreamRows` of a file), with their user ids."""
 
     embeddings: list[jax.Array]
     groups: list[np.ndarray | None]
@@ -221,9 +228,16 @@ def check_private_data(
     Images: (n, H, W, C) float in [0, 1]. Text (``modality="text"``): (n, L) uint8 UTF-8 bytes, zero-padded
     (see :mod:`pejax.generators.text_codec`).
     """
-    images = np.asarray(images)
     labels = np.asarray(labels)
-    if modality == "text":
+    if (
+        images is None
+    ):  # the private embeddings are streamed from a file: only labels and ids to check
+        images = np.zeros((labels.shape[0] if labels.ndim else -1, 0), np.uint8)
+        modality = "embeddings"
+    images = np.asarray(images)
+    if modality == "embeddings":
+        pass
+    elif modality == "text":
         if images.ndim != 2 or images.dtype != np.uint8 or images.shape[1] == 0:
             raise ValueError(
                 f"private texts must be a uint8 array (n, L) of UTF-8 bytes, got {images.dtype} "
@@ -247,7 +261,7 @@ def check_private_data(
             raise ValueError(
                 f"private images must lie in [0, 1], got values in [{images.min():g}, {images.max():g}]."
             )
-    if labels.shape != (images.shape[0],):
+    if labels.ndim != 1 or labels.shape != (images.shape[0],):
         raise ValueError(
             f"private labels must have shape ({images.shape[0]},) (one per image), got {labels.shape}."
         )
@@ -533,11 +547,18 @@ class PrivateEvolution:
     def _data_digest(self, noise_key: NoiseKey, images, labels, group_ids) -> str:
         """Keyed digest of the private data: a resume on changed data would reuse noise, so it is refused."""
         h = hashlib.sha256()
+        if isinstance(
+            images, str | pathlib.Path
+        ):  # a private-embedding file: hashed in 16 MiB reads
+            with open(images, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+            images = None
         for a in (images, labels, group_ids):
             if a is not None:
                 a = np.ascontiguousarray(a)
                 h.update(str(a.dtype).encode() + repr(a.shape).encode())
-                h.update(memoryview(a).cast("B"))
+                h.update(a.tobytes() if a.size == 0 else memoryview(a).cast("B"))
         local = noise_key.digest(h.digest())
         every = _gather_rows(np.frombuffer(bytes.fromhex(local), np.int64)[None, :])
         return noise_key.digest(every.tobytes())
@@ -618,6 +639,12 @@ class PrivateEvolution:
             groups.append(None if group_ids is None else np.asarray(group_ids)[mask])
         return _Private(embeddings, groups, labels, group_ids)
 
+    def _stream_private(self, stream, labels, group_ids) -> _Private:
+        """Class y's votes read rows ``labels == y`` of the stream; nothing is embedded or loaded whole."""
+        rows = [np.flatnonzero(labels == y) for y in range(self.pe.num_classes)]
+        groups = [None if group_ids is None else np.asarray(group_ids)[r] for r in rows]
+        return _Private([_StreamRows(stream, r) for r in rows], groups, labels, group_ids)
+
     def _lattice_votes(self, private_emb, groups, candidates_emb):
         kw = dict(
             k=self.pe.k,
@@ -626,6 +653,12 @@ class PrivateEvolution:
             block_size=self.speed.block_size,
             precision=self.speed.precision,
         )
+        if isinstance(private_emb, _StreamRows):
+            from pejax.streaming import streamed_lattice_vote_histogram
+
+            return streamed_lattice_vote_histogram(
+                private_emb.source, candidates_emb, rows=private_emb.rows, **kw
+            )
         if self.mesh is None:
             return lattice_vote_histogram(private_emb, candidates_emb, **kw)
         from pejax.sharding import sharded_lattice_vote_histogram
@@ -678,6 +711,7 @@ class PrivateEvolution:
         resume: bool = False,
         stop_after: int | None = None,
         noise_key: NoiseKey | None = None,
+        private_stream=None,
     ) -> RunResult:
         """Runs PE (or resumes it from the newest valid checkpoint when ``resume``).
 
@@ -692,6 +726,10 @@ class PrivateEvolution:
           stop_after: stop (checkpointed) after this iteration, for tests and staged runs; resume later.
           noise_key: the secret :class:`pejax.secure_noise.NoiseKey` of the DP noise. Default: from
             ``privacy.noise_seed`` when set (reproducible, not DP), else fresh operating-system entropy.
+          private_stream: optional (n, D) private embeddings, one row per private sample in the order of
+            ``private_labels``: a ``.npy`` path (e.g. from :func:`pejax.streaming.embed_to_memmap`) or an array.
+            The votes then read each class's rows in chunks instead of embedding ``private_images`` (which may be
+            ``None``); D must be the embedding dimension of the candidates.
 
         Returns:
           a :class:`RunResult` (``samples`` is the released set only when the run reached iteration T).
@@ -706,13 +744,16 @@ class PrivateEvolution:
             raise TypeError(
                 f"noise_key must be a pejax.secure_noise.NoiseKey or None, got {type(noise_key).__name__}."
             )
-        images, labels, group_ids = self._check_inputs(private_images, private_labels, group_ids)
+        images, labels, group_ids = self._check_inputs(
+            private_images, private_labels, group_ids, private_stream
+        )
         counts = self._global_counts(labels, group_ids)
         _check_every_class(counts)
         plan = self._plan(int(counts.sum()))
         fingerprint = self._fingerprint(key)
+        voted = images if private_stream is None else private_stream  # what the digest must cover
         progress = self._resume_or_start(
-            key, plan, fingerprint, resume, noise_key, images, labels, group_ids
+            key, plan, fingerprint, resume, noise_key, voted, labels, group_ids
         )
         noise_key = progress.noise_key
         if self.privacy.epsilon is not None:
@@ -728,15 +769,36 @@ class PrivateEvolution:
                 epsilon=self.privacy.epsilon,
                 accountant=self.privacy.accountant,
             )
-        private = self._split_private(images, labels, group_ids)
+        if private_stream is None:
+            private = self._split_private(images, labels, group_ids)
+        else:
+            private = self._stream_private(private_stream, labels, group_ids)
         dp_release = not noise_key.reproducible and plan.sigma > 0
         if progress.samples is None:
             self._initialise(key, noise_key, counts, plan, progress, dp_release)
         final = self._loop(key, noise_key, plan, progress, private, stop_after, dp_release)
         return self._result(final, progress, plan, dp_release)
 
-    def _check_inputs(self, private_images, private_labels, group_ids):
+    def _check_inputs(self, private_images, private_labels, group_ids, private_stream=None):
         priv = self.privacy
+        if private_stream is not None:
+            from pejax.streaming import private_rows
+
+            if self.mesh is not None:
+                raise ValueError(
+                    "private_stream cannot be combined with a device mesh yet: stream on one device, or load "
+                    "the private embeddings and vote over the mesh."
+                )
+            n_rows, _ = private_rows(private_stream)
+            if n_rows != np.shape(private_labels)[0]:
+                raise ValueError(
+                    f"private_stream has {n_rows} rows but there are {np.shape(private_labels)[0]} private "
+                    "labels: it needs one embedding per private sample, in the labels' order."
+                )
+        elif private_images is None:
+            raise ValueError(
+                "private_images is None: give the private data, or private_stream embeddings."
+            )
         if priv.user_level and group_ids is None:
             raise ValueError(
                 "privacy.user_level=True needs group_ids (one user id per private sample)."

@@ -200,9 +200,13 @@ def _check_embedding_batch(emb: np.ndarray, batch, dim: int, offset: int) -> int
 
 
 class _Rows:
-    """Row-chunk reader: plain file reads for ``.npy`` files, slicing for anything else."""
+    """Row-chunk reader: plain file reads for ``.npy`` files, slicing for anything else.
 
-    def __init__(self, private):
+    With ``rows`` (sorted int indices), only those rows are read (a memory map gathers them), in that order.
+    """
+
+    def __init__(self, private, rows=None):
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
         self.file = None
         if isinstance(private, (str, os.PathLike)):
             self.file = pathlib.Path(private)
@@ -218,8 +222,26 @@ class _Rows:
         else:
             self.array = _host_matrix("private", private)
             self.shape, self.dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
+        if self.rows is not None:
+            if self.rows.ndim != 1 or (
+                self.rows.size and (self.rows.min() < 0 or self.rows.max() >= self.shape[0])
+            ):
+                raise ValueError(
+                    f"rows must be a 1-D array of row indices in [0, {self.shape[0]}), got "
+                    f"{self.rows.shape} values."
+                )
+            self.full_shape = self.shape
+            self.shape = (int(self.rows.size), self.shape[1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        if self.rows is not None:
+            idx = self.rows[start:stop]
+            if self.array is not None:
+                return np.asarray(self.array[idx])
+            mm = np.memmap(
+                self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.full_shape
+            )
+            return np.asarray(mm[idx])
         if self.array is not None:
             return np.asarray(self.array[start:stop])
         d = self.shape[1]
@@ -302,6 +324,8 @@ def streamed_vote_histogram(
     block_size: int | None = None,
     key_block_size: int | None = None,
     precision: str = "highest",
+    rows=None,
+    _lattice: bool = False,
 ) -> jax.Array:
     """:func:`pejax.vote_histogram` over private embeddings read ``chunk_rows`` rows at a time.
 
@@ -316,6 +340,8 @@ def streamed_vote_histogram(
       metric: ``"l2"``, ``"cosine"`` or ``"ip"``, as in :func:`pejax.nearest_neighbors`.
       group_ids: optional (n,) integer user ids (user-level privacy); keeps the (n, k) int32 indices in memory.
       block_size, key_block_size, precision: kernel settings, as in :func:`pejax.vote_histogram`.
+      rows: optional sorted row indices: vote with those rows of ``private`` only (e.g. one class); ``group_ids``
+        are then those rows' ids.
 
     Returns:
       (m,) float32 histogram with L2 sensitivity :data:`pejax.HISTOGRAM_SENSITIVITY` = 1.
@@ -340,7 +366,7 @@ def streamed_vote_histogram(
         _validate.positive_int("block_size", block_size)
     if key_block_size is not None:
         _validate.positive_int("key_block_size", key_block_size)
-    rows = _Rows(private)
+    rows = _Rows(private, rows)
     synthetic = _validate.matrix("synthetic", synthetic)
     n, d = rows.shape
     m = synthetic.shape[0]
@@ -398,10 +424,33 @@ def streamed_vote_histogram(
                 indices[a:b] = np.asarray(idx)[: b - a]
             pending = current
     if groups is None:
-        return _scale_counts(counts, k)
+        return (
+            _votes.sample_lattice(np.asarray(counts), k=k) if _lattice else _scale_counts(counts, k)
+        )
     a, b, idx = pending
     indices[a:b] = np.asarray(idx)[: b - a]
+    if _lattice:
+        return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
     return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
 
 
-__all__ = ["PrivateDataOnDiskWarning", "embed_to_memmap", "streamed_vote_histogram"]
+def streamed_lattice_vote_histogram(private, synthetic, **kwargs):
+    """:func:`pejax.votes.lattice_vote_histogram` streamed as :func:`streamed_vote_histogram` (same arguments).
+
+    Returns a :class:`pejax.votes.LatticeVotes`.
+    """
+    return streamed_vote_histogram(private, synthetic, _lattice=True, **kwargs)
+
+
+def private_rows(private) -> tuple[int, int]:
+    """(n, d) of a private-embedding file or array, read from its header only (nothing else is read)."""
+    return _Rows(private).shape
+
+
+__all__ = [
+    "PrivateDataOnDiskWarning",
+    "embed_to_memmap",
+    "private_rows",
+    "streamed_lattice_vote_histogram",
+    "streamed_vote_histogram",
+]
