@@ -32,6 +32,7 @@ TESTED = {
     "stable_diffusion_hires.toml",
     "text_causal_lm.toml",
     "user_level_npz.toml",
+    "openai_chat_text.toml",  # run end to end by tests/test_openai_chat.py against a real local server
 }
 
 

@@ -102,6 +102,11 @@ def _run(args) -> int:
     from pejax.experiment import run_experiment
 
     config = apply_overrides(load_config_file(args.config), args.set)
+    if args.dry_run:  # print the requests an API generator would send, and their count; send none
+        from pejax.generators.openai_chat import dry_run
+
+        dry_run(config)
+        return 0
     out = args.out or (config.get("run") or {}).get("out")
     if out is None:
         print("pejax run: give --out DIR or run.out in the config file.", file=sys.stderr)
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None)
     run.add_argument("--resume", action="store_true")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--dry-run", action="store_true", help="print the API requests, send none")
     run.add_argument(
         "--set",
         action="append",

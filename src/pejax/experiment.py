@@ -303,7 +303,7 @@ def run_experiment(
         check_private_stream(speed.private_stream, int(data.labels.shape[0]))
     mesh = build_mesh(speed.devices)
     ctx = registry.BuildContext(
-        pe.num_classes, class_names, tuple(data.samples.shape), data.modality
+        pe.num_classes, class_names, tuple(data.samples.shape), data.modality, out=str(out)
     )
     generator = build_generator(config.get("generator"), pe.num_classes, ctx)
     embedding, emb_label = build_embedding(
@@ -311,6 +311,18 @@ def run_experiment(
     )
 
     callbacks, eval_label = [], None
+    if hasattr(generator, "pop_usage"):  # API generators: requests, tokens and cost per iteration
+        shown = (
+            "requests",
+            "retries",
+            "failed_attempts",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost",
+        )
+        callbacks.append(
+            lambda info: {f"api_{k}": v for k, v in generator.pop_usage().items() if k in shown}
+        )
     if run_section.get("evaluate", True) and data.test_samples is not None:
         evaluate, eval_label = _evaluator(ev_section, data, embedding, emb_label, classifier_c)
         callbacks.append(evaluate)
@@ -397,6 +409,8 @@ def run_experiment(
         "wall_seconds": wall,
         "iterations": result.history,
     }
+    if hasattr(generator, "usage"):
+        report["api_usage"] = generator.usage() | {"endpoints": generator.endpoints}
     final = result.history[-1].get("metrics", {}) if result.history else {}
     report["final_metrics"] = final
     reporting.write_json(out / "report.json", report)

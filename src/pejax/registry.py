@@ -259,12 +259,15 @@ class BuildContext:
       class_names: one name per class (folder names, text labels, or ``"0"``, ``"1"``, ...).
       data_shape: shape of the private samples: (n, H, W, C) images or (n, L) text bytes.
       modality: ``"image"`` or ``"text"`` (the data's).
+      out: the run's output folder (``None`` outside a run), for components that keep files there (the
+        ``openai-chat`` response cache).
     """
 
     num_classes: int
     class_names: tuple[str, ...]
     data_shape: tuple[int, ...]
     modality: str
+    out: str | None = None
 
 
 class Dataset(NamedTuple):

@@ -204,3 +204,72 @@ def _causal_lm(opts, ctx):
     return CausalLMTextGenerator.from_pretrained(
         check_path("generator.path", opts.pop("path")), prompts=prompts, **opts
     )
+
+
+@register(
+    "generator",
+    "openai-chat",
+    doc="Aug-PE text through an OpenAI-compatible /v1/chat/completions endpoint (vLLM, llama.cpp, "
+    "transformers serve, OpenAI)",
+    extra="api",
+    modality="text",
+    options=(
+        Option("model", REQUIRED, "model name sent in each request"),
+        Option("base_url", None, "API root, e.g. 'http://127.0.0.1:8000/v1' (or give endpoints)"),
+        Option(
+            "api_key_env", None, "environment variable holding the API key (never the key itself)"
+        ),
+        Option("api_key_file", None, "file holding the API key (never the key itself)"),
+        Option("endpoints", None, "replicas: a list of {base_url, api_key_env | api_key_file}"),
+        Option("prompts", None, "one prompt per class; default prompt_template per class name"),
+        Option(
+            "prompt_template",
+            "A text about {name}:",
+            "prompt of class {name} when prompts is unset",
+        ),
+        Option("system_prompt", None, "system message put before every request"),
+        Option(
+            "random_template", "{prompt}", "RANDOM's message: {prompt} and the random_fills fields"
+        ),
+        Option(
+            "random_fills", None, "field -> list of values; each RANDOM request picks one per field"
+        ),
+        Option(
+            "variation_template",
+            None,
+            "VARIATION's message with {masked}, {prompt}, {mask}, {words}",
+        ),
+        Option("mask_token", "_", "blank shown for a masked word"),
+        Option("max_tokens", 128, "completion tokens a request may use"),
+        Option(
+            "length_factor", None, "adaptive VARIATION length: tokens per 4 bytes of the original"
+        ),
+        Option("length_slack", 8, "extra tokens allowed with length_factor"),
+        Option("max_tokens_field", "max_tokens", "'max_tokens' or 'max_completion_tokens'"),
+        Option("temperature", 1.0, "sampling temperature in [0, 2] (0: greedy)"),
+        Option("top_p", None, "nucleus mass in (0, 1]; default the server's"),
+        Option("send_seed", True, "send each request's seed"),
+        Option("extra_body", None, "extra JSON fields of every request"),
+        Option("max_bytes", 512, "byte length of a text sample"),
+        Option("max_concurrency", 16, "requests in flight at once (speed only)"),
+        Option("requests_per_minute", None, "client-side request limit"),
+        Option("tokens_per_minute", None, "client-side token limit"),
+        Option("timeout_s", 60.0, "timeout of one attempt, in seconds"),
+        Option("max_retries", 8, "retries after 429, 5xx, timeouts and dropped connections"),
+        Option(
+            "backoff_s", 1.0, "backoff base: attempt a waits up to backoff_s * 2**a (full jitter)"
+        ),
+        Option("max_backoff_s", 60.0, "backoff cap (a longer Retry-After is still honoured)"),
+        Option("max_repairs", 3, "re-requests of an empty, refused, non-text or truncated answer"),
+        Option("on_truncated", "retry", "'retry' or 'keep' a completion cut at max_tokens"),
+        Option("cache", None, "SQLite response cache; default <out>/openai_cache.sqlite"),
+        Option("prompt_price", 0.0, "price per million prompt tokens (report's cost)"),
+        Option("completion_price", 0.0, "price per million completion tokens"),
+        Option("progress", False, "a bar over each call's requests (tokens, retries, failures)"),
+        Option("trust_env", True, "let the HTTP client read proxy settings from the environment"),
+    ),
+)
+def _openai_chat(opts, ctx):
+    from pejax.generators.openai_chat import from_options
+
+    return from_options(opts, ctx)

@@ -20,6 +20,7 @@ _LAZY = {
     "DiffusersGenerator": "pejax.generators.hf_diffusers",
     "StableDiffusionGenerator": "pejax.generators.hf_diffusers",
     "CausalLMTextGenerator": "pejax.generators.text",
+    "OpenAIChatGenerator": "pejax.generators.openai_chat",
 }
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "GlyphParams",
     "GlyphPrior",
     "GlyphSimulator",
+    "OpenAIChatGenerator",
     "StableDiffusionGenerator",
     "UNet",
     "UNetConfig",
