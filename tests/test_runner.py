@@ -375,3 +375,22 @@ def test_bfloat16_votes_give_the_float32_run():
         SpeedConfig(precision="float8")
     with pytest.raises(ValueError, match="not supported by PrivateEvolution with a device mesh"):
         make(speed=SpeedConfig(precision="bfloat16"), mesh=jax.make_mesh((1,), ("data",)))
+
+
+def test_progress_bar_shows_a_remote_generators_usage(capsys):
+    class Counting(ToyGenerator):
+        name = "counting"
+
+        def usage(self):
+            return {
+                "requests": 12,
+                "retries": 2,
+                "prompt_tokens": 300,
+                "completion_tokens": 45,
+                "cost": 0.0125,
+            }
+
+    x, y = private_data()
+    make(generator=Counting(), progress=True).run(jax.random.key(0), x, y)
+    err = capsys.readouterr().err
+    assert "req=12" in err and "retries=2" in err and "tok=345" in err and "cost=0.0125" in err

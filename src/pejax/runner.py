@@ -958,7 +958,7 @@ class PrivateEvolution:
             self._save(t, out_samples, out_labels, self._meta(t, progress, plan))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(eps=f"{record['epsilon'][self.privacy.accountant]:.3g}")
+                bar.set_postfix(self._bar_postfix(record))
         if bar is not None:
             bar.close()
         return final_samples
@@ -972,6 +972,20 @@ class PrivateEvolution:
             return None
         desc = "PE iterations" if dp_release else "PE iterations (NOT DP: reproducible noise)"
         return tqdm(total=self.pe.iterations, initial=start, desc=desc, unit="it")
+
+    def _bar_postfix(self, record: dict) -> dict[str, str]:
+        """epsilon spent, and a remote generator's totals (requests, retries, tokens, cost) when it counts them."""
+        out = {"eps": f"{record['epsilon'][self.privacy.accountant]:.3g}"}
+        usage = getattr(self.generator.inner, "usage", None)
+        if callable(usage):
+            u = usage()
+            out |= {
+                "req": str(int(u.get("requests", 0))),
+                "retries": str(int(u.get("retries", 0))),
+                "tok": str(int(u.get("prompt_tokens", 0) + u.get("completion_tokens", 0))),
+                "cost": f"{u.get('cost', 0.0):.4g}",
+            }
+        return out
 
     def _result(self, final_samples, progress, plan, dp_release) -> RunResult:
         ledger = progress.ledger
