@@ -19,6 +19,33 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def on_host(x: Any) -> bool:
+    """True for NumPy arrays and concrete JAX arrays on the CPU: checks can then read them for free in NumPy."""
+    if isinstance(x, np.ndarray):
+        return True
+    if isinstance(x, jax.Array) and not is_traced(x):
+        try:
+            return all(d.platform == "cpu" for d in x.devices())
+        except Exception:  # pragma: no cover - arrays without device information
+            return False
+    return False
+
+
+def to_device(x: Any, dtype: Any = None) -> jax.Array:
+    """A JAX array of ``x``. NumPy input goes through ``jax.device_put`` (``jnp.asarray`` of NumPy compiles a
+    small staging program for every new shape, hundreds in a PE run)."""
+    if isinstance(x, jax.Array):
+        return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+    arr = np.asarray(x)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    elif arr.dtype == np.float64 and not jax.config.jax_enable_x64:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == np.int64 and not jax.config.jax_enable_x64:
+        arr = arr.astype(np.int32)
+    return jax.device_put(arr)
+
+
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Returns ``value`` as an ``int`` after checking it is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -107,7 +134,10 @@ def matrix(name: str, x: Any, *, allow_traced: bool = True) -> jax.Array:
         if not allow_traced:
             raise TypeError(f"{name} must be a concrete array, not a traced value.")
         return x
-    finite = bool(jax.numpy.isfinite(jax.numpy.asarray(x)).all())
+    if on_host(x):
+        finite = bool(np.isfinite(np.asarray(x)).all())
+    else:
+        finite = bool(jax.numpy.isfinite(jax.numpy.asarray(x)).all())
     if not finite:
         bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))
         row = int(bad[0][0])
@@ -116,7 +146,7 @@ def matrix(name: str, x: Any, *, allow_traced: bool = True) -> jax.Array:
             "check the embedding function or the images that produced row "
             f"{row}; drop or repair those rows before voting."
         )
-    return jax.numpy.asarray(x)
+    return to_device(x) if isinstance(x, np.ndarray) else jax.numpy.asarray(x)
 
 
 def did_you_mean(word: str, options) -> str:

@@ -49,14 +49,15 @@ class Selection(NamedTuple):
 
 
 def _histogram(name: str, histogram) -> jax.Array:
-    h = jnp.asarray(histogram)
+    h = histogram if isinstance(histogram, jax.Array) else _validate.to_device(histogram)
     if h.ndim != 1 or h.shape[0] == 0:
         raise ValueError(
             f"{name} must be a non-empty 1-D array of bins, got shape {tuple(h.shape)}."
         )
     if not jnp.issubdtype(h.dtype, jnp.floating):
         h = h.astype(jnp.float32)
-    if not _validate.is_traced(h) and not bool(jnp.isfinite(h).all()):
+    finite = np.isfinite(np.asarray(h)).all() if _validate.on_host(h) else jnp.isfinite(h).all()
+    if not _validate.is_traced(h) and not bool(finite):
         raise ValueError(f"{name} contains NaN or Inf; a vote histogram must be finite.")
     return h
 

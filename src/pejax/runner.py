@@ -174,19 +174,29 @@ class _Private(NamedTuple):
     group_ids: np.ndarray | None
 
 
+def _host(a) -> np.ndarray:
+    return np.asarray(jax.device_get(a))
+
+
+# Tree plumbing between generator calls runs on the host in NumPy: per-class sizes differ, and doing it with jnp
+# would compile one small XLA program per shape (hundreds in a demo run) for microseconds of work.
+# (jax.device_put moves the results back without compiling anything; generators keep receiving JAX arrays.)
 def _tree_take(tree, idx):
-    idx = jnp.asarray(idx)
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[idx], tree)
+    idx = np.asarray(idx)
+    return jax.tree_util.tree_map(lambda a: jax.device_put(_host(a)[idx]), tree)
 
 
 def _tree_concat(trees: Sequence[Any]):
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *trees)
+    return jax.tree_util.tree_map(
+        lambda *xs: jax.device_put(np.concatenate([_host(x) for x in xs])), *trees
+    )
 
 
 def _tree_slices(tree, sizes: Sequence[int]):
     bounds = np.cumsum([0, *sizes])
+    host = jax.tree_util.tree_map(_host, tree)
     return [
-        jax.tree_util.tree_map(lambda a, s=s, e=e: jnp.asarray(a)[s:e], tree)
+        jax.tree_util.tree_map(lambda a, s=s, e=e: jax.device_put(a[s:e]), host)
         for s, e in itertools.pairwise(bounds)
     ]
 
@@ -631,7 +641,7 @@ class PrivateEvolution:
         for y in range(self.pe.num_classes):
             mask = labels == y
             if mask.any():
-                emb = self._embed(jnp.asarray(images[mask]), f"private images of class {y}")
+                emb = self._embed(_validate.to_device(images[mask]), f"private images of class {y}")
             else:  # this process of a multi-host run holds none of class y: (0, D), D from a public sample
                 probe = self.generator.render(self.generator.random(jax.random.key(0), y, 1))
                 emb = self._embed(probe, "a probe sample")[:0]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pejax import _validate
 from pejax.mechanism import PejaxWarning
 
 
@@ -102,7 +103,8 @@ class CheckedGenerator:
                 f"generator {self.name!r}: {what} must return images of shape ({expected}, H, W, C) with C "
                 f"1 or 3, got shape {shape}."
             )
-        images = jnp.asarray(images)
+        host = _validate.on_host(images)
+        images = np.asarray(images) if host else jnp.asarray(images)
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise GeneratorError(
                 f"generator {self.name!r}: {what} must return float images in [0, 1], got dtype "
@@ -115,9 +117,8 @@ class CheckedGenerator:
                 f"generator {self.name!r}: {what} returned images of shape {shape[1:]}, earlier calls gave "
                 f"{self.image_shape}; a generator must keep one image shape."
             )
-        lo, hi, finite = jax.device_get(
-            (jnp.min(images), jnp.max(images), jnp.isfinite(images).all())
-        )
+        xp = np if host else jnp  # CPU arrays are checked in NumPy: no program compiled per shape
+        lo, hi, finite = jax.device_get((xp.min(images), xp.max(images), xp.isfinite(images).all()))
         if not finite:
             raise GeneratorError(f"generator {self.name!r}: {what} returned NaN or Inf pixels.")
         if lo < -1e-3 or hi > 1 + 1e-3:
@@ -125,6 +126,8 @@ class CheckedGenerator:
                 f"generator {self.name!r}: {what} returned pixel values in [{lo:g}, {hi:g}], outside the "
                 "documented range [0, 1]."
             )
+        if host:
+            return _validate.to_device(np.clip(images.astype(np.float32), 0.0, 1.0))
         return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
 
     def render(self, samples, what: str = "to_images") -> jax.Array:

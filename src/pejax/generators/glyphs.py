@@ -454,14 +454,23 @@ def _pad_rows(tree, size: int):
     n = jax.tree_util.tree_leaves(tree)[0].shape[0]
     if size == n:
         return tree
-    idx = jnp.minimum(jnp.arange(size), n - 1)
-    return jax.tree_util.tree_map(lambda a: jnp.take(jnp.asarray(a), idx, axis=0), tree)
+    idx = np.minimum(np.arange(size), n - 1)
+    if _traced(tree):
+        return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+    # On the host: a jnp.take here would compile one program per (n, size) pair.
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], tree)
 
 
 def _first_rows(tree, n: int):
     if jax.tree_util.tree_leaves(tree)[0].shape[0] == n:
         return tree
-    return jax.tree_util.tree_map(lambda a: a[:n], tree)
+    if _traced(tree):
+        return jax.tree_util.tree_map(lambda a: a[:n], tree)
+    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a)[:n]), tree)
+
+
+def _traced(tree) -> bool:
+    return any(_validate.is_traced(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _check_key(key: Any) -> None:
