@@ -206,9 +206,57 @@ def run_experiment(
 
     callbacks = []
     if run_section.get("evaluate", True) and test_x is not None:
+        if test_x.shape[1:3] != train_x.shape[1:3]:
+            echo(
+                f"note: the test images are {test_x.shape[1]}x{test_x.shape[2]} and the training images "
+                f"{train_x.shape[1]}x{train_x.shape[2]}: for the metrics the test images are resized (to "
+                f"{train_x.shape[1]}x{train_x.shape[2]} for the Frechet distance, and with the synthetic "
+                "images to 8x8 for the test accuracy)."
+            )
         callbacks.append(_evaluator(test_x, test_y, tuple(train_x.shape[1:3]), classifier_c))
 
-    out.mkdir(parents=True, exist_ok=True)
+    # One run per output folder: the lock is held until every output file is written, and the folder is
+    # checked again under it (another run may have written here since the first check).
+    with ckpt.lock_folder(out, what="output folder"):
+        check_output_folder(out, resume)
+        return _run_and_write(
+            out,
+            resume=resume,
+            progress=progress,
+            echo=echo,
+            config=config,
+            run_section=run_section,
+            seed=seed,
+            pe=pe,
+            privacy=privacy,
+            speed=speed,
+            generator=generator,
+            embedding=embedding,
+            emb_label=emb_label,
+            callbacks=callbacks,
+            train=(train_x, train_y),
+        )
+
+
+def _run_and_write(
+    out,
+    *,
+    resume,
+    progress,
+    echo,
+    config,
+    run_section,
+    seed,
+    pe,
+    privacy,
+    speed,
+    generator,
+    embedding,
+    emb_label,
+    callbacks,
+    train,
+):
+    train_x, train_y = train
     runner = PrivateEvolution(
         generator=generator,
         embedding=embedding,

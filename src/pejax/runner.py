@@ -403,6 +403,7 @@ class PrivateEvolution:
         return metrics
 
     # --------------------------------------------------------------------------------------------- run
+    @ckpt.hold_checkpoint_lock
     def run(
         self,
         key: jax.Array,
@@ -481,6 +482,8 @@ class PrivateEvolution:
         relation = NEIGHBORING_RELATION_GROUP if priv.user_level else NEIGHBORING_RELATION_SAMPLE
         sigma, sigma_counts = self.plan_noise(delta)
         fingerprint = self._fingerprint(key)
+        if not resume and self.checkpoint_dir is not None:
+            ckpt.check_no_foreign_checkpoints(self.checkpoint_dir, fingerprint)
 
         # ---- resume or start
         start, samples, ledger, sizes, history, resumed_from = 0, None, None, None, [], None
