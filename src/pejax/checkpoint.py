@@ -282,13 +282,22 @@ def _acquire(lock: pathlib.Path, what: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            holder, seen = _holder(fd), os.fstat(fd)
             os.close(fd)
             pid, host = holder.get("pid"), holder.get("host")
             if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
                 # The run that took the lock is dead, but a process it forked still holds the file: stale.
+                # Look again after a pause (a run that has just locked a stale file writes its own PID at
+                # once) and remove the file only if it is the same file, still naming the dead run.
+                time.sleep(0.2)
                 with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
+                    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        again, now = _holder(fd), os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    if again == holder and (now.st_dev, now.st_ino) == (seen.st_dev, seen.st_ino):
+                        lock.unlink()
                 continue
             since = holder.get("since")
             started = (
