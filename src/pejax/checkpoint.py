@@ -325,8 +325,19 @@ def _acquire(lock: pathlib.Path, what: str) -> int:
             os.close(fd)
             continue
         doc = {"pid": os.getpid(), "host": socket.gethostname(), "since": int(time.time())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(doc).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(doc).encode(), 0)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise OSError(
+                    e.errno,
+                    f"could not write the lock file {str(lock)!r} of the {what}: {e.strerror}",
+                ) from e
+            raise
         return fd
     raise FolderInUseError(
         f"could not lock {what} {str(lock.parent)!r}: its lock file {LOCK_NAME} keeps changing (another "
@@ -370,7 +381,13 @@ def lock_folder(folder: str | os.PathLike, *, what: str = "folder") -> Iterator[
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
-    fd = _acquire(lock, what)
+    try:
+        fd = _acquire(lock, what)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     try:
         remove_stale_temporaries(folder)
         yield lock

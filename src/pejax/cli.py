@@ -181,7 +181,9 @@ def error_message(command: str, error: BaseException) -> str:
         if error.filename is not None:
             text += f": {str(error.filename)!r}"
         if resumable and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            text += " (the last checkpoint is intact: resume with --resume once there is room)"
+            text += (
+                " (checkpoints already written are intact: make room, then resume with --resume)"
+            )
         return f"pejax {command}: error: {_one_line(text)}."
     if isinstance(error, MemoryError):
         return f"pejax {command}: error: out of memory ({_one_line(error) or 'MemoryError'})."
