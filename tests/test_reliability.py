@@ -308,7 +308,10 @@ def test_disk_full_in_a_real_run_is_one_line_and_resumable(tmp_path):
     config = write_config(tmp_path, SMALL)
     out = tmp_path / "out"
     run = " ".join([*CLI, "run", str(config), "--out", str(out), "--no-progress"])
+    full = tmp_path / "full"
     script = textwrap.dedent(f"""
+        mkdir -p {full} && mount -t tmpfs -o size=4k tmpfs {full}
+        {run.replace(str(out), str(full / "out"))} 2>{tmp_path}/err0; echo "rc0=$?"; ls -A {full} > {tmp_path}/ls0
         mkdir -p {out} && mount -t tmpfs -o size=8k tmpfs {out}
         mkdir {out}/checkpoints && mount -t tmpfs -o size=4k tmpfs {out}/checkpoints
         {run} 2>{tmp_path}/err1; echo "rc1=$?"; ls -A {out} {out}/checkpoints > {tmp_path}/ls1
@@ -321,6 +324,11 @@ def test_disk_full_in_a_real_run_is_one_line_and_resumable(tmp_path):
     assert "rc1=1" in proc.stdout and "rc2=1" in proc.stdout and "rc3=0" in proc.stdout, (
         proc.stdout + proc.stderr
     )
+    # 0: not even the checkpoint folder's lock file fits; the folders this run created are removed again.
+    assert "rc0=1" in proc.stdout
+    line = one_line_error((tmp_path / "err0").read_text())
+    assert "could not write the lock file" in line and "No space left on device" in line
+    assert (tmp_path / "ls0").read_text() == ""
     # 1: the first checkpoint does not fit.
     line = one_line_error((tmp_path / "err1").read_text())
     assert "could not write checkpoint" in line and "ckpt-000000.npz" in line
