@@ -51,7 +51,7 @@ def toy_run(folder, key, **kw):
         generator=ToyGenerator(),
         embedding=flat,
         pe=PE,
-        privacy=PrivacyConfig(epsilon=2.0),
+        privacy=PrivacyConfig(epsilon=2.0, delta=1e-4),
         checkpoint_dir=folder,
         speed=SpeedConfig(retry_backoff_s=0.0),
     )

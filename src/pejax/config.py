@@ -391,14 +391,20 @@ def check_keys(section: str, values: dict | None, allowed: tuple[str, ...]) -> d
         if (section, key) in PATH_KEYS:
             _check_path(f"{section}.{key}", value, f'{key} = "data/train.npz"')
         elif (section, key) in PATH_LIST_KEYS:
-            if isinstance(value, str | os.PathLike) or not isinstance(value, list | tuple):
-                raise TypeError(
-                    f"{section}.{key} must be a list of paths, got {value!r}; write e.g. "
-                    f'{key} = ["fonts/a.ttf", "fonts/b.ttf"].'
-                )
-            for i, item in enumerate(value):
-                _check_path(f"{section}.{key}[{i}]", item, f'{key} = ["fonts/a.ttf"]')
+            check_path_list(f"{section}.{key}", value)
     return values
+
+
+def check_path_list(name: str, value: Any) -> None:
+    """Checks that ``value`` is a list of paths (e.g. ``generator.fonts``), naming the bad item."""
+    key = name.rsplit(".", 1)[-1]
+    if isinstance(value, str | os.PathLike) or not isinstance(value, list | tuple):
+        raise TypeError(
+            f"{name} must be a list of paths, got {value!r}; write e.g. "
+            f'{key} = ["fonts/a.ttf", "fonts/b.ttf"].'
+        )
+    for i, item in enumerate(value):
+        _check_path(f"{name}[{i}]", item, f'{key} = ["fonts/a.ttf"]')
 
 
 def to_dict(config) -> dict[str, Any]:
