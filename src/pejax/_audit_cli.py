@@ -133,7 +133,15 @@ def audit_main(args: argparse.Namespace) -> int:
 
     Raises:
       ValueError, TypeError: invalid values (from :func:`pejax.auditing.audit_mechanism`).
+      ImportError: jax-privacy is missing (the message names the ``audit`` extra to install).
     """
+    try:
+        import jax_privacy  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "pejax audit needs jax-privacy, which comes with the 'audit' extra: install it with "
+            "pip install 'pejax[audit]'."
+        ) from e
     if args.target == "run":
         return _audit_run_main(args)
     import jax

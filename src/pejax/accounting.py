@@ -46,6 +46,70 @@ MECHANISMS = ("gaussian", "discrete_gaussian")
 """Noise mechanisms a :class:`Release` can describe. PE runs release ``"discrete_gaussian"`` (see
 :mod:`pejax.secure_noise`); ``"gaussian"`` describes the continuous kernel :func:`pejax.add_gaussian_noise`."""
 
+# The range of inputs pejax accounts for (every accountant alike), so that no input makes dp-accounting run for
+# minutes or allocate terabytes (see BUILD_NOTES.md, "Bad input"). Measured on one CPU core with PLD:
+# * the effective multiplier sigma / sqrt(T) (the composition's single Gaussian) sets the PLD's grid size, which
+#   grows as 1 / (sigma/sqrt(T))^2 for small values: 2.5 s at 0.2, minutes or out of memory near 0.01. Below
+#   MIN_EFFECTIVE_NOISE_MULTIPLIER epsilon exceeds about 30 at delta = 1e-5: no meaningful privacy.
+# * epsilon below MIN_EPSILON: the PLD's 1e-4 loss discretisation becomes a percent-level error, and the
+#   runner's plan (one release per iteration, each discretised) then needs many noise increments to fit.
+# * delta below MIN_DELTA: the PLD truncates the privacy-loss tails and reports inf below about 1e-20, and is
+#   already 1% off at 1e-15; 1e-12 covers 1/(n ln n) for n up to 3e10 private samples.
+# * iterations above MAX_ITERATIONS: far beyond any PE run (each iteration calls the generator on the whole
+#   population), and a guard against typos such as 1000000000.
+MIN_EPSILON = 0.01
+MAX_EPSILON = 30.0
+MIN_DELTA = 1e-12
+MAX_ITERATIONS = 1_000_000
+MIN_EFFECTIVE_NOISE_MULTIPLIER = 0.2
+
+
+def _check_epsilon_range(eps: float, name: str = "epsilon") -> float:
+    if not MIN_EPSILON <= eps <= MAX_EPSILON:
+        raise ValueError(
+            f"{name}={eps:g} is outside the range pejax accounts for, [{MIN_EPSILON:g}, {MAX_EPSILON:g}]: "
+            + (
+                "below it the accountant's discretisation error is comparable to epsilon itself"
+                if eps < MIN_EPSILON
+                else "above it the privacy guarantee is void and PLD accounting needs minutes to terabytes"
+            )
+            + f". Use an epsilon in [{MIN_EPSILON:g}, {MAX_EPSILON:g}] (for a run without privacy: "
+            "noise_multiplier = 0)."
+        )
+    return eps
+
+
+def _check_delta_range(delta: float, name: str = "delta") -> float:
+    if delta < MIN_DELTA:
+        raise ValueError(
+            f"{name}={delta:g} is below {MIN_DELTA:g}, the smallest delta pejax accounts for (the PLD "
+            "accountant truncates privacy-loss tails and cannot resolve smaller deltas). Use e.g. "
+            f"{name} = 1 / (n ln n) for n private samples (1e-11 for n = 5e9)."
+        )
+    return delta
+
+
+def _check_iterations(iterations, name: str = "iterations") -> int:
+    t = _validate.positive_int(name, iterations)
+    if t > MAX_ITERATIONS:
+        raise ValueError(
+            f"{name}={t} is above {MAX_ITERATIONS}, the most iterations pejax accounts for (PE runs use tens "
+            "of iterations). Use fewer iterations."
+        )
+    return t
+
+
+def _check_effective_noise(noise_multiplier: float, iterations: int, name: str) -> None:
+    effective = noise_multiplier / math.sqrt(iterations)
+    if 0 < effective < MIN_EFFECTIVE_NOISE_MULTIPLIER:
+        need = MIN_EFFECTIVE_NOISE_MULTIPLIER * math.sqrt(iterations)
+        raise ValueError(
+            f"{name}={noise_multiplier:g} over {iterations} iteration(s) is a composed noise multiplier "
+            f"sigma/sqrt(T) = {effective:.3g}, below {MIN_EFFECTIVE_NOISE_MULTIPLIER:g}: epsilon would exceed "
+            "about 30 (no meaningful privacy) and PLD accounting would take minutes or exhaust memory. Use "
+            f"{name} >= {need:.4g} for {iterations} iteration(s), or 0 for no privacy at all."
+        )
+
 
 class BudgetExceededError(ValueError):
     """A release (or a planned schedule) would spend more privacy than the target allows."""
@@ -149,19 +213,26 @@ def _make_accountant(
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
 
 
-def _gaussian_multipliers(event: dp_accounting.DpEvent) -> list[float]:
-    """Flattens a composition of Gaussian events into their multipliers (for the closed form)."""
+def _gaussian_precision(event: dp_accounting.DpEvent) -> tuple[float, int]:
+    """``(sum_i sigma_i^-2, number of releases)`` of a composition of Gaussian events (for the closed form).
+
+    A zero multiplier gives an infinite precision. Self-compositions are multiplied out, never expanded.
+    """
     if isinstance(event, dp_accounting.GaussianDpEvent):
-        return [event.noise_multiplier]
+        s = event.noise_multiplier
+        return (math.inf if s == 0 else s**-2), 1
     if isinstance(event, dp_accounting.SelfComposedDpEvent):
-        return _gaussian_multipliers(event.event) * event.count
+        p, n = _gaussian_precision(event.event)
+        return p * event.count, n * event.count
     if isinstance(event, dp_accounting.ComposedDpEvent):
-        return [s for e in event.events for s in _gaussian_multipliers(e)]
+        parts = [_gaussian_precision(e) for e in event.events]
+        return sum(p for p, _ in parts), sum(n for _, n in parts)
     if isinstance(event, DiscreteGaussianDpEvent):
         # Cross-check only: the continuous Gaussian with the same multiplier (the 'pld' value is exact).
-        return [event.sigma / event.l2_sensitivity if event.l2_sensitivity else math.inf]
+        m = event.sigma / event.l2_sensitivity if event.l2_sensitivity else 0.0
+        return (math.inf if m == 0 else m**-2), 1
     if isinstance(event, dp_accounting.NoOpDpEvent):
-        return []
+        return 0.0, 0
     raise dp_accounting.UnsupportedEventError(
         f"the closed-form 'gaussian' accountant only composes Gaussian events, got {event!r}; "
         "use accountant='pld' or 'rdp'."
@@ -181,15 +252,24 @@ def epsilon_of_event(
     sensitivities must already be those of that relation.
     """
     _validate.one_of("accountant", accountant, ACCOUNTANTS)
-    delta = _validate.delta(delta)
-    if accountant == "gaussian":
-        multipliers = _gaussian_multipliers(event)
-        if not multipliers:
+    delta = _check_delta_range(_validate.delta(delta))
+    try:
+        precision, releases = _gaussian_precision(event)
+    except dp_accounting.UnsupportedEventError:
+        if accountant == "gaussian":
+            raise
+        precision, releases = None, 0
+    if precision is not None:
+        # Bound the accountant's work before calling it (see MIN_EFFECTIVE_NOISE_MULTIPLIER).
+        if releases == 0:
             return 0.0
-        if any(s == 0 for s in multipliers):
+        if math.isinf(precision):
             return math.inf
-        effective = sum(s**-2 for s in multipliers) ** -0.5
-        return float(dp_accounting.get_epsilon_gaussian(effective, delta))
+        _check_iterations(releases, "releases in the event")
+        effective = precision**-0.5
+        _check_effective_noise(effective, 1, "effective noise multiplier of the composition")
+        if accountant == "gaussian":
+            return float(dp_accounting.get_epsilon_gaussian(effective, delta))
     acc = _make_accountant(accountant, neighboring_relation)
     if not acc.supports(event):
         details = acc._maybe_compose(event, 1, False)
@@ -224,11 +304,12 @@ def epsilon(
       2.594
     """
     nm = _check_noise(noise_multiplier)
-    t = _validate.positive_int("iterations", iterations)
-    _validate.delta(delta)
+    t = _check_iterations(iterations)
+    _check_delta_range(_validate.delta(delta))
     _validate.one_of("accountant", accountant, ACCOUNTANTS)
     if nm == 0:
         return math.inf
+    _check_effective_noise(nm, t, "noise_multiplier")
     return epsilon_of_event(gaussian_event(nm, t), delta=delta, accountant=accountant)
 
 
@@ -244,11 +325,17 @@ def noise_multiplier(
       >>> round(noise_multiplier(epsilon=2.5944, iterations=20, delta=1e-5), 2)
       7.07
     """
-    eps = _validate.epsilon(epsilon)
-    t = _validate.positive_int("iterations", iterations)
-    dl = _validate.delta(delta)
+    eps = _check_epsilon_range(_validate.epsilon(epsilon))
+    t = _check_iterations(iterations)
+    dl = _check_delta_range(_validate.delta(delta))
     _validate.one_of("accountant", accountant, ACCOUNTANTS)
     closed_form = float(dp_accounting.get_sigma_gaussian(eps, dl) * math.sqrt(t))
+    if closed_form / math.sqrt(t) < MIN_EFFECTIVE_NOISE_MULTIPLIER:
+        raise ValueError(
+            f"epsilon={eps:g} at delta={dl:g} needs a composed noise multiplier sigma/sqrt(T) of only "
+            f"{closed_form / math.sqrt(t):.3g}, below {MIN_EFFECTIVE_NOISE_MULTIPLIER:g}: PLD accounting would "
+            "take minutes or exhaust memory, and the guarantee would be void. Use a smaller epsilon or delta."
+        )
     if accountant == "gaussian":
         return closed_form
     # The exact closed form brackets the answer: PLD agrees with it, RDP needs a somewhat larger multiplier.
@@ -262,10 +349,18 @@ def noise_multiplier(
         ),
         tol=1e-6,
     )
-    # calibrate_dp_mechanism returns a value within tol on the safe side; check it and step up if needed.
-    while epsilon_of_event(gaussian_event(sigma, t), delta=dl, accountant=accountant) > eps:
-        sigma *= 1.0 + 1e-6
-    return float(sigma)
+    # calibrate_dp_mechanism returns a value within tol on the safe side; check it and step up if needed
+    # (in steps that double, so the loop ends after a few dozen accountant calls at most).
+    step = 1e-6
+    for _ in range(40):
+        if epsilon_of_event(gaussian_event(sigma, t), delta=dl, accountant=accountant) <= eps:
+            return float(sigma)
+        sigma *= 1.0 + step
+        step *= 2.0
+    raise RuntimeError(  # pragma: no cover - the bracket starts at twice the exact closed form
+        f"could not calibrate a noise multiplier for epsilon={eps:g}, delta={dl:g}, iterations={t} with the "
+        f"{accountant!r} accountant."
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -12,21 +12,30 @@ checkpoint or the new one, never a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import pathlib
 import re
+import socket
+import time
 import warnings
 import zipfile
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import numpy as np
 
 from pejax.mechanism import PejaxWarning
 
 _NAME = re.compile(r"^ckpt-(\d{6})\.npz$")
+# Temporary files of pejax's atomic writers: ".<final name>.tmp-<pid>" (plus ".png" for images).
+_TMP_NAME = re.compile(r"^\..+\.tmp-\d+(\.png)?$")
 META_KEY = "__meta__"
 FORMAT_VERSION = 1
+LOCK_NAME = ".pejax.lock"
 
 
 class CorruptCheckpointError(ValueError):
@@ -35,6 +44,14 @@ class CorruptCheckpointError(ValueError):
 
 class CorruptCheckpointWarning(PejaxWarning):
     """A corrupt checkpoint was skipped in favour of an older valid one."""
+
+
+class FolderInUseError(RuntimeError):
+    """Another live process holds the lock of a run folder (output folder or checkpoint folder)."""
+
+
+class ForeignCheckpointError(ValueError):
+    """A fresh run was asked to write into a checkpoint folder that holds another run's checkpoints."""
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -71,6 +88,10 @@ def save_checkpoint(
 
     Returns:
       the path written.
+
+    Raises:
+      OSError: the write failed (disk full, read-only folder, ...); the message names the checkpoint, the
+        previous checkpoints are untouched and no temporary file is left behind.
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,13 +105,7 @@ def save_checkpoint(
     payload = dict(arrays)
     payload[META_KEY] = np.frombuffer(json.dumps(doc, sort_keys=True).encode(), dtype=np.uint8)
     final = checkpoint_path(directory, iteration)
-    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    write_atomically(final, lambda f: np.savez(f, **payload), what="checkpoint", mode=0o600)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -159,3 +174,294 @@ def latest_valid_checkpoint(directory: str | os.PathLike):
             continue
         return path, arrays, meta
     return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Atomic writes, temporary files, folder locks.
+
+
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable,
+    *,
+    what: str = "file",
+    suffix: str = "",
+    mode: int | None = None,
+) -> pathlib.Path:
+    """Writes ``path`` through a temporary file in the same folder, fsynced and renamed over ``path``.
+
+    Args:
+      path: final file name.
+      write: called with a binary file object open for writing (``f.write(data)``, ``np.savez(f, ...)``) or,
+        when ``suffix`` is given, with the temporary path (for writers that choose the format from the name,
+        e.g. ``savefig``).
+      what: how the error message names the file (``"checkpoint"``, ``"synthetic data"``).
+      suffix: appended to the temporary name (``".png"``); the writer then receives the temporary path.
+      mode: permission bits of the new file (e.g. ``0o600`` for private checkpoints), set before any byte is
+        written; ``None``: the process's default (umask).
+
+    Returns:
+      ``path`` as a :class:`pathlib.Path`.
+
+    Raises:
+      OSError: the write failed (``ENOSPC`` disk full, ``EROFS`` read-only, ...). The temporary file is
+        removed, the old ``path`` (if any) is untouched, and the message names ``path``, the cause and the fix.
+
+    Example:
+      >>> import tempfile
+      >>> p = write_atomically(pathlib.Path(tempfile.mkdtemp()) / "a.bin", lambda f: f.write(b"hi"))
+      >>> p.read_bytes(), [q.name for q in p.parent.iterdir()]
+      (b'hi', ['a.bin'])
+    """
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        if suffix:
+            write(tmp)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            fd = os.open(tmp, flags) if mode is None else os.open(tmp, flags, mode)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | NotADirectoryError):
+            hint = {
+                errno.ENOSPC: "the disk is full: free some space",
+                errno.EDQUOT: "the disk quota is exhausted: free some space",
+                errno.EFBIG: "the file is larger than this system allows",
+                errno.EROFS: "the file system is read-only: choose a writable folder",
+                errno.EACCES: "permission denied: choose a writable folder",
+                errno.EPERM: "permission denied: choose a writable folder",
+            }.get(e.errno, e.strerror or str(e))
+            raise OSError(
+                e.errno, f"could not write {what} {str(path)!r}: {hint}; nothing was replaced"
+            ) from e
+        raise
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """Deletes temporary files (``.NAME.tmp-PID``) that interrupted writers left in ``folder``.
+
+    Call it only while holding the folder's lock (:func:`lock_folder` does): no other pejax process is then
+    writing there, so every such file is a leftover of a killed run.
+
+    Returns:
+      the files removed.
+    """
+    folder = pathlib.Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if _TMP_NAME.match(p.name) and (p.is_file() or p.is_symlink()):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(fd: int) -> dict:
+    """The JSON that the lock holder wrote into the lock file ({} when empty or unreadable)."""
+    try:
+        raw = os.pread(fd, 4096, 0)
+        doc = json.loads(raw.decode()) if raw.strip() else {}
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+
+
+def _acquire(lock: pathlib.Path, what: str) -> int:
+    import fcntl
+
+    for _ in range(20):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder, seen = _holder(fd), os.fstat(fd)
+            os.close(fd)
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+                # The run that took the lock is dead, but a process it forked still holds the file: stale.
+                # Look again after a pause (a run that has just locked a stale file writes its own PID at
+                # once) and remove the file only if it is the same file, still naming the dead run.
+                time.sleep(0.2)
+                with contextlib.suppress(FileNotFoundError):
+                    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        again, now = _holder(fd), os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    if again == holder and (now.st_dev, now.st_ino) == (seen.st_dev, seen.st_ino):
+                        lock.unlink()
+                continue
+            since = holder.get("since")
+            started = (
+                time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
+                if isinstance(since, int | float)
+                else ""
+            )
+            who = f"process {pid} on {host}{started}" if pid is not None else "another process"
+            raise FolderInUseError(
+                f"{what} {str(lock.parent)!r} is in use by another pejax run ({who}); two runs in one folder "
+                "would overwrite each other's files. Wait for it to finish, or choose another folder."
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The lock file may have been unlinked (by its releasing holder) between our open and flock: then we
+        # locked an orphan inode. Only a lock on the file that is still at ``lock`` counts.
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        mine = os.fstat(fd)
+        if (mine.st_dev, mine.st_ino) != (current.st_dev, current.st_ino):
+            os.close(fd)
+            continue
+        doc = {"pid": os.getpid(), "host": socket.gethostname(), "since": int(time.time())}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(doc).encode(), 0)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise OSError(
+                    e.errno,
+                    f"could not write the lock file {str(lock)!r} of the {what}: {e.strerror}",
+                ) from e
+            raise
+        return fd
+    raise FolderInUseError(
+        f"could not lock {what} {str(lock.parent)!r}: its lock file {LOCK_NAME} keeps changing (another "
+        "pejax run is starting or stopping there); try again."
+    )
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | os.PathLike, *, what: str = "folder") -> Iterator[pathlib.Path]:
+    """Holds an exclusive lock on a run folder for the duration of the ``with`` block.
+
+    The lock is an ``flock`` on ``folder/.pejax.lock`` (which records the holder's PID, host and start time
+    for the error message). The kernel drops the lock when its process dies, so the lock of a killed run
+    (``kill -9``, power loss) is recovered automatically; a lock file still held by a process forked from a
+    dead run is recognised by the recorded PID and taken over. Once locked, temporary files left in the folder
+    by interrupted writers are deleted. On exit the lock file is removed, and so is ``folder`` if this call
+    created it and it is still empty. POSIX only (``fcntl``).
+
+    Args:
+      folder: the folder to lock (created if missing).
+      what: how messages name the folder (``"output folder"``, ``"checkpoint folder"``).
+
+    Yields:
+      the lock file's path.
+
+    Raises:
+      FolderInUseError: another live process holds the lock.
+      OSError: the folder cannot be created or written (read-only, not a folder, ...).
+
+    Example:
+      >>> import tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> with lock_folder(d):
+      ...     with lock_folder(d):
+      ...         pass
+      Traceback (most recent call last):
+      ...
+      pejax.checkpoint.FolderInUseError: folder ... is in use by another pejax run ...
+    """
+    folder = pathlib.Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    try:
+        fd = _acquire(lock, what)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    try:
+        remove_stale_temporaries(folder)
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still holding it: a waiter that opened it sees the inode change and retries
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
+
+
+def check_no_foreign_checkpoints(directory: str | os.PathLike, fingerprint: str) -> None:
+    """Refuses to start a fresh run in ``directory`` when it holds checkpoints of another run.
+
+    A fresh run (no resume) rewrites ``ckpt-000000.npz`` and then prunes old checkpoints, so it would silently
+    replace another run's state. Checkpoints with the same ``fingerprint`` (same configuration, generator,
+    embedding and key) are allowed: the run recomputes exactly the same state.
+
+    Args:
+      directory: the checkpoint folder.
+      fingerprint: the ``"fingerprint"`` the new run writes into its checkpoints' metadata.
+
+    Raises:
+      ForeignCheckpointError: some checkpoint was written by another run (or cannot be read). The message names
+        it and the fixes (resume that run, or use another folder).
+    """
+    for path in list_checkpoints(directory):
+        try:
+            _, meta = load_checkpoint(path)
+            same = isinstance(meta, dict) and meta.get("fingerprint") == fingerprint
+        except CorruptCheckpointError:
+            same = False
+        if not same:
+            raise ForeignCheckpointError(
+                f"checkpoint folder {str(pathlib.Path(directory))!r} already holds {path.name} of another run "
+                "(another configuration, generator, embedding or key, or an unreadable file); a fresh run "
+                "would replace it. Resume that run (resume=True, --resume), or use a new checkpoint folder; "
+                "nothing was changed."
+            )
+
+
+def hold_checkpoint_lock(method: Callable) -> Callable:
+    """Decorates a runner method so that it holds :func:`lock_folder` on ``self.checkpoint_dir`` while running.
+
+    Nothing is locked when ``self.checkpoint_dir`` is ``None`` or when this process does not write checkpoints
+    (every process but process 0 of a multi-host run).
+    """
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        from pejax.sharding import is_checkpoint_writer
+
+        folder = getattr(self, "checkpoint_dir", None)
+        if folder is None or not is_checkpoint_writer():
+            return method(self, *args, **kwargs)
+        with lock_folder(folder, what="checkpoint folder"):
+            return method(self, *args, **kwargs)
+
+    return wrapper

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import math
 import sys
 
@@ -16,6 +17,8 @@ def _account(args) -> int:
             "pejax account: give exactly one of --epsilon and --noise-multiplier.", file=sys.stderr
         )
         return 2
+    # Everything is computed (and every input checked) before anything is printed.
+    lines = []
     if args.epsilon is not None:
         sigma = accounting.noise_multiplier(
             epsilon=args.epsilon,
@@ -23,16 +26,17 @@ def _account(args) -> int:
             delta=args.delta,
             accountant=args.accountant,
         )
-        print(f"noise multiplier ({args.accountant}-calibrated): {sigma:.6f}")
+        lines.append(f"noise multiplier ({args.accountant}-calibrated): {sigma:.6f}")
     else:
         sigma = args.noise_multiplier
-        print(f"noise multiplier: {sigma:.6f}")
-    print(f"iterations: {args.iterations}, delta: {args.delta:g}")
+        lines.append(f"noise multiplier: {sigma:.6f}")
+    lines.append(f"iterations: {args.iterations}, delta: {args.delta:g}")
     for name in accounting.ACCOUNTANTS:
         eps = accounting.epsilon(
             noise_multiplier=sigma, iterations=args.iterations, delta=args.delta, accountant=name
         )
-        print(f"epsilon ({name}): {eps:.6f}")
+        lines.append(f"epsilon ({name}): {eps:.6f}")
+    print("\n".join(lines))
     return 0
 
 
@@ -204,14 +208,88 @@ def _enable_compilation_cache() -> None:
         pass
 
 
+# Top-level modules of the optional extras (pyproject.toml), to name the extra when one is missing.
+_EXTRA_OF_MODULE = {
+    "jax_privacy": "audit",
+    "PIL": "demo",
+    "matplotlib": "demo",
+    "sklearn": "demo",
+    "tqdm": "demo",
+    "yaml": "demo",
+    "fontTools": "demo",
+    "flax": "flax",
+    "optax": "flax",
+    "orbax": "flax",
+    "torch": "diffusers",
+    "diffusers": "diffusers",
+    "transformers": "diffusers",
+    "safetensors": "diffusers",
+    "sentence_transformers": "text",
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_message(command: str, error: BaseException) -> str:
+    """The one-line message ``pejax COMMAND`` prints for an expected failure (see :func:`main`)."""
+    resumable = command in ("demo", "run")
+    if isinstance(error, KeyboardInterrupt):
+        return f"pejax {command}: interrupted" + ("; resume with --resume." if resumable else ".")
+    if (
+        isinstance(error, ModuleNotFoundError)
+        and (error.name or "").split(".")[0] in _EXTRA_OF_MODULE
+    ):
+        module = error.name.split(".")[0]
+        extra = _EXTRA_OF_MODULE[module]
+        return (
+            f"pejax {command}: error: this needs the optional module {module!r} from the {extra!r} extra; "
+            f"install it with pip install 'pejax[{extra}]'."
+        )
+    if isinstance(error, OSError) and error.errno is not None:
+        text = error.strerror or str(error)
+        if error.filename is not None:
+            text += f": {str(error.filename)!r}"
+        if resumable and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            text += (
+                " (checkpoints already written are intact: make room, then resume with --resume)"
+            )
+        return f"pejax {command}: error: {_one_line(text)}."
+    if isinstance(error, MemoryError):
+        return f"pejax {command}: error: out of memory ({_one_line(error) or 'MemoryError'})."
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"pejax {command}: error: {_one_line(text)}"
+
+
 def main(argv=None) -> int:
+    """Runs ``pejax`` with ``argv`` and returns the exit status.
+
+    Expected failures never print a traceback: invalid values and files (``ValueError``, ``TypeError``,
+    ``KeyError``, ``EOFError``), folders in use or runtime conditions (``RuntimeError``), operating-system errors
+    (disk full, read-only or non-folder paths: ``OSError``), memory exhaustion and a missing optional extra
+    (named, with the ``pip install`` line) print one line on stderr and exit 1; Ctrl-C prints "interrupted"
+    (with "resume with --resume" for ``demo`` and ``run``) and exits 130.
+    """
     args = build_parser().parse_args(argv)
     if args.command in ("demo", "run"):
         _enable_compilation_cache()
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError, ImportError) as e:
-        print(f"pejax {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(error_message(args.command, e), file=sys.stderr)
+        return 130
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        EOFError,
+        RuntimeError,
+        OSError,
+        ImportError,
+        MemoryError,
+    ) as e:
+        print(error_message(args.command, e), file=sys.stderr)
         return 1
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 from typing import Any
 
+import numpy as np
+
 from pejax import _validate
 from pejax.accounting import ACCOUNTANTS
+from pejax.accounting import _check_delta_range
+from pejax.accounting import _check_epsilon_range
 from pejax.mechanism import SELECTION_MODES
 from pejax.neighbors import METRICS
 from pejax.neighbors import PRECISIONS
@@ -73,11 +78,13 @@ class PrivacyConfig:
                 "fixed noise; with epsilon too, epsilon is then a budget the run must not exceed)."
             )
         if self.epsilon is not None:
-            _validate.epsilon(self.epsilon, "privacy.epsilon")
+            _check_epsilon_range(
+                _validate.epsilon(self.epsilon, "privacy.epsilon"), "privacy.epsilon"
+            )
         if self.noise_multiplier is not None:
             _validate.finite_float("privacy.noise_multiplier", self.noise_multiplier, minimum=0.0)
         if self.delta is not None:
-            _validate.delta(self.delta, "privacy.delta")
+            _check_delta_range(_validate.delta(self.delta, "privacy.delta"), "privacy.delta")
         if self.accountant is None:
             object.__setattr__(self, "accountant", "rdp" if self.user_level else "pld")
         _validate.one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
@@ -171,6 +178,13 @@ class PEConfig:
         _validate.positive_int("pe.min_samples_per_class", self.min_samples_per_class)
         if self.final_samples_per_class is not None:
             _validate.positive_int("pe.final_samples_per_class", self.final_samples_per_class)
+        if isinstance(self.degrees, str | bytes) or not isinstance(
+            self.degrees, list | tuple | np.ndarray
+        ):
+            raise TypeError(
+                f"pe.degrees must be a list of numbers, 2 (first, last) or one per iteration, got "
+                f"{self.degrees!r} of type {type(self.degrees).__name__}; write e.g. degrees = [0.5, 0.1]."
+            )
         degrees = tuple(
             _validate.finite_float("pe.degrees", d, minimum=0.0) for d in tuple(self.degrees)
         )
@@ -261,6 +275,23 @@ class SpeedConfig:
 def _build(cls, section: str, values: Any):
     fields = {f.name for f in dataclasses.fields(cls)}
     values = _validate.known_keys(f"config section [{section}]", values, fields)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
+    if required:
+        raise ValueError(
+            f"config section [{section}] needs {', '.join(f'{section}.{k}' for k in required)}"
+            + (
+                " (the number of classes of the private data)"
+                if required == ["num_classes"]
+                else ""
+            )
+            + f"; add {required[0]} = ... under [{section}]."
+        )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
 
@@ -273,7 +304,13 @@ def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+            "give a TOML or YAML text file."
+        ) from None
     if path.suffix == ".toml":
         import tomllib
 
@@ -311,7 +348,15 @@ def check_sections(config: dict, where: str = "the config") -> None:
 
 
 def privacy_from_dict(values) -> PrivacyConfig:
-    return _build(PrivacyConfig, "privacy", values)
+    """Builds the ``[privacy]`` section; epsilon and delta must also lie in the range pejax accounts for."""
+    from pejax import accounting
+
+    privacy = _build(PrivacyConfig, "privacy", values)
+    if privacy.epsilon is not None:
+        accounting._check_epsilon_range(privacy.epsilon, "privacy.epsilon")
+    if privacy.delta is not None:
+        accounting._check_delta_range(privacy.delta, "privacy.delta")
+    return privacy
 
 
 def pe_from_dict(values) -> PEConfig:
@@ -322,9 +367,44 @@ def speed_from_dict(values) -> SpeedConfig:
     return _build(SpeedConfig, "speed", values)
 
 
+# Keys of the free-form sections that hold one path, or a list of paths.
+PATH_KEYS = {("data", "path"), ("data", "test_path")}
+PATH_LIST_KEYS = {("generator", "fonts")}
+
+
+def _check_path(name: str, value: Any, example: str) -> None:
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(
+            f"{name} must be a path (a string), got {value!r} of type {type(value).__name__}; write e.g. "
+            f"{example}."
+        )
+
+
 def check_keys(section: str, values: dict | None, allowed: tuple[str, ...]) -> dict:
-    """Refuses keys outside ``allowed`` in a free-form config section (data, generator, embedding, run)."""
-    return _validate.known_keys(f"config section [{section}]", values, allowed)
+    """Refuses keys outside ``allowed`` in a free-form config section (data, generator, embedding, run).
+
+    Also checks that path keys (``data.path``, ``data.test_path``) hold one path and list-of-path keys
+    (``generator.fonts``) a list of paths.
+    """
+    values = _validate.known_keys(f"config section [{section}]", values, allowed)
+    for key, value in values.items():
+        if (section, key) in PATH_KEYS:
+            _check_path(f"{section}.{key}", value, f'{key} = "data/train.npz"')
+        elif (section, key) in PATH_LIST_KEYS:
+            check_path_list(f"{section}.{key}", value)
+    return values
+
+
+def check_path_list(name: str, value: Any) -> None:
+    """Checks that ``value`` is a list of paths (e.g. ``generator.fonts``), naming the bad item."""
+    key = name.rsplit(".", 1)[-1]
+    if isinstance(value, str | os.PathLike) or not isinstance(value, list | tuple):
+        raise TypeError(
+            f"{name} must be a list of paths, got {value!r}; write e.g. "
+            f'{key} = ["fonts/a.ttf", "fonts/b.ttf"].'
+        )
+    for i, item in enumerate(value):
+        _check_path(f"{name}[{i}]", item, f'{key} = ["fonts/a.ttf"]')
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -235,7 +235,7 @@ def load_npz(
     source = repr(str(path))
     try:
         archive = np.load(path, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, EOFError) as e:  # EOFError: an empty file
         raise ValueError(
             f"{source} could not be read as an .npz archive without unpickling ({e}). Save "
             "plain numeric arrays with np.savez(path, images=..., labels=...)."

@@ -310,6 +310,17 @@ def run_experiment(
         config.get("embedding"), data.samples.shape, data.modality
     )
 
+    if (
+        data.modality == "image"
+        and data.test_samples is not None
+        and tuple(data.test_samples.shape[1:3]) != tuple(data.samples.shape[1:3])
+    ):
+        test_hw, train_hw = data.test_samples.shape[1:3], data.samples.shape[1:3]
+        echo(
+            f"note: the test images are {test_hw[0]}x{test_hw[1]} and the training images "
+            f"{train_hw[0]}x{train_hw[1]}: for the metrics the test images are resized to the training "
+            "images' size."
+        )
     callbacks, eval_label = [], None
     if hasattr(generator, "pop_usage"):  # API generators: requests, tokens and cost per iteration
         shown = (
@@ -327,106 +338,115 @@ def run_experiment(
         evaluate, eval_label = _evaluator(ev_section, data, embedding, emb_label, classifier_c)
         callbacks.append(evaluate)
 
-    out.mkdir(parents=True, exist_ok=True)
-    runner = PrivateEvolution(
-        generator=generator,
-        embedding=embedding,
-        embedding_name=emb_label,
-        pe=pe,
-        privacy=privacy,
-        speed=speed,
-        checkpoint_dir=out / "checkpoints",
-        callbacks=callbacks,
-        progress=progress,
-        mesh=mesh,
-    )
-    run_kw: dict[str, Any] = {"resume": resume}
-    if data.group_ids is not None:
-        run_kw["group_ids"] = data.group_ids
-    if speed.private_stream is not None:
-        run_kw["private_stream"] = speed.private_stream
-    t0 = time.perf_counter()
-    result = runner.run(jax.random.key(seed), data.samples, data.labels, **run_kw)
-    wall = time.perf_counter() - t0
+    def run_and_write() -> dict[str, Any]:
+        """The run and its output files (under the output folder's lock)."""
+        runner = PrivateEvolution(
+            generator=generator,
+            embedding=embedding,
+            embedding_name=emb_label,
+            pe=pe,
+            privacy=privacy,
+            speed=speed,
+            checkpoint_dir=out / "checkpoints",
+            callbacks=callbacks,
+            progress=progress,
+            mesh=mesh,
+        )
+        run_kw: dict[str, Any] = {"resume": resume}
+        if data.group_ids is not None:
+            run_kw["group_ids"] = data.group_ids
+        if speed.private_stream is not None:
+            run_kw["private_stream"] = speed.private_stream
+        t0 = time.perf_counter()
+        result = runner.run(jax.random.key(seed), data.samples, data.labels, **run_kw)
+        wall = time.perf_counter() - t0
 
-    notice = None if result.dp_release else NOT_DP_NOTICE
-    written = _write_outputs(out, result, data, class_names, notice)
-    eps = result.ledger.epsilons()
-    unit = "user" if privacy.user_level else "sample"
-    report = {
-        "pejax_version": __import__("pejax").__version__,
-        **({} if result.dp_release else {"WARNING": NOT_DP_NOTICE}),
-        "modality": data.modality,
-        "privacy": {
-            "differentially_private": result.dp_release,
-            "target_epsilon": privacy.epsilon,
-            "delta": result.ledger.delta,
-            "delta_rule": result.delta_rule,
-            "neighboring_relation": result.neighboring_relation,
-            "mechanism": "discrete Gaussian on integer vote lattices (exact sampler, secret noise key); "
-            "see pejax.secure_noise",
-            "noise_multiplier": result.noise_multiplier,
-            "iterations": pe.iterations,
-            "accountant": privacy.accountant,
-            "unit_of_privacy": unit,
-            "epsilon_spent": eps,
-            "releases": [
-                {
-                    "iteration": r.iteration,
-                    "description": r.description,
-                    "mechanism": r.mechanism,
-                    "noise_multiplier": r.noise_multiplier,
-                    "sensitivity": r.sensitivity,
-                    "unit_changes": r.unit_changes,
-                    "neighboring_relation": r.neighboring_relation,
-                }
-                for r in result.ledger.releases
-            ],
-            "not_covered": [
-                "timings (report 'timings' and wall_seconds) depend on the number of private samples",
-                "hyperparameter choices (the demo's defaults were checked by the developers with a few runs on "
-                "this same data set; see BUILD_NOTES.md)",
-                "the evaluation classifier's C (run.classifier_c; the demo's was chosen by cross-validation on "
-                "the digits training split): it changes the reported accuracy, not the synthetic data",
-                "evaluation metrics are computed on the held-out test split, not on the private data",
-            ],
-        },
-        "config": {
-            "run": run_section | {"seed": seed},
-            "data": config.get("data", {}),
-            "generator": config.get("generator", {}),
-            "generator_name": generator.name if hasattr(generator, "name") else gen_comp.name,
-            "embedding": emb_label,
-            "evaluation": {"metrics": ev_section.get("metrics"), "embedding": eval_label},
-            "pe": cfg.to_dict(pe),
-            "privacy": cfg.to_dict(privacy),
-            "speed": cfg.to_dict(speed),
-        },
-        "class_names": list(class_names),
-        "class_sizes": list(result.class_sizes),
-        "num_synthetic": int(result.labels.shape[0]),
-        "resumed_from": result.resumed_from,
-        "wall_seconds": wall,
-        "iterations": result.history,
-    }
-    if hasattr(generator, "usage"):
-        report["api_usage"] = generator.usage() | {"endpoints": generator.endpoints}
-    final = result.history[-1].get("metrics", {}) if result.history else {}
-    report["final_metrics"] = final
-    reporting.write_json(out / "report.json", report)
-    reporting.save_metrics_png(out / "metrics.png", result.history, accountant=privacy.accountant)
-    eps_str = ", ".join(f"{k} {v:.4g}" for k, v in eps.items())
-    what = "texts" if data.modality == "text" else "images"
-    echo(
-        f"pejax: {report['num_synthetic']} synthetic {what} in {wall:.1f} s; "
-        f"noise multiplier {result.noise_multiplier:.4g}, delta {result.ledger.delta:.3g}; "
-        f"epsilon spent: {eps_str}."
-    )
-    if final:
-        echo("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
-    echo(f"wrote {out}/{', '.join([*written, 'report.json', 'metrics.png'])}")
-    if not math.isfinite(eps[privacy.accountant]):
-        echo("warning: noise multiplier 0: this run is NOT differentially private.")
-    elif not result.dp_release:
-        echo("warning: " + NOT_DP_NOTICE)
-    return report
+        notice = None if result.dp_release else NOT_DP_NOTICE
+        written = _write_outputs(out, result, data, class_names, notice)
+        eps = result.ledger.epsilons()
+        unit = "user" if privacy.user_level else "sample"
+        report = {
+            "pejax_version": __import__("pejax").__version__,
+            **({} if result.dp_release else {"WARNING": NOT_DP_NOTICE}),
+            "modality": data.modality,
+            "privacy": {
+                "differentially_private": result.dp_release,
+                "target_epsilon": privacy.epsilon,
+                "delta": result.ledger.delta,
+                "delta_rule": result.delta_rule,
+                "neighboring_relation": result.neighboring_relation,
+                "mechanism": "discrete Gaussian on integer vote lattices (exact sampler, secret noise key); "
+                "see pejax.secure_noise",
+                "noise_multiplier": result.noise_multiplier,
+                "iterations": pe.iterations,
+                "accountant": privacy.accountant,
+                "unit_of_privacy": unit,
+                "epsilon_spent": eps,
+                "releases": [
+                    {
+                        "iteration": r.iteration,
+                        "description": r.description,
+                        "mechanism": r.mechanism,
+                        "noise_multiplier": r.noise_multiplier,
+                        "sensitivity": r.sensitivity,
+                        "unit_changes": r.unit_changes,
+                        "neighboring_relation": r.neighboring_relation,
+                    }
+                    for r in result.ledger.releases
+                ],
+                "not_covered": [
+                    "timings (report 'timings' and wall_seconds) depend on the number of private samples",
+                    "hyperparameter choices (the demo's defaults were checked by the developers with a few runs on "
+                    "this same data set; see BUILD_NOTES.md)",
+                    "the evaluation classifier's C (run.classifier_c; the demo's was chosen by cross-validation on "
+                    "the digits training split): it changes the reported accuracy, not the synthetic data",
+                    "evaluation metrics are computed on the held-out test split, not on the private data",
+                ],
+            },
+            "config": {
+                "run": run_section | {"seed": seed},
+                "data": config.get("data", {}),
+                "generator": config.get("generator", {}),
+                "generator_name": generator.name if hasattr(generator, "name") else gen_comp.name,
+                "embedding": emb_label,
+                "evaluation": {"metrics": ev_section.get("metrics"), "embedding": eval_label},
+                "pe": cfg.to_dict(pe),
+                "privacy": cfg.to_dict(privacy),
+                "speed": cfg.to_dict(speed),
+            },
+            "class_names": list(class_names),
+            "class_sizes": list(result.class_sizes),
+            "num_synthetic": int(result.labels.shape[0]),
+            "resumed_from": result.resumed_from,
+            "wall_seconds": wall,
+            "iterations": result.history,
+        }
+        if hasattr(generator, "usage"):
+            report["api_usage"] = generator.usage() | {"endpoints": generator.endpoints}
+        final = result.history[-1].get("metrics", {}) if result.history else {}
+        report["final_metrics"] = final
+        reporting.write_json(out / "report.json", report)
+        reporting.save_metrics_png(
+            out / "metrics.png", result.history, accountant=privacy.accountant
+        )
+        eps_str = ", ".join(f"{k} {v:.4g}" for k, v in eps.items())
+        what = "texts" if data.modality == "text" else "images"
+        echo(
+            f"pejax: {report['num_synthetic']} synthetic {what} in {wall:.1f} s; "
+            f"noise multiplier {result.noise_multiplier:.4g}, delta {result.ledger.delta:.3g}; "
+            f"epsilon spent: {eps_str}."
+        )
+        if final:
+            echo("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+        echo(f"wrote {out}/{', '.join([*written, 'report.json', 'metrics.png'])}")
+        if not math.isfinite(eps[privacy.accountant]):
+            echo("warning: noise multiplier 0: this run is NOT differentially private.")
+        elif not result.dp_release:
+            echo("warning: " + NOT_DP_NOTICE)
+        return report
+
+    # One run per output folder: the lock is held until every output file is written, and the folder is
+    # checked again under it (another run may have written here since the first check).
+    with ckpt.lock_folder(out, what="output folder"):
+        check_output_folder(out, resume)
+        return run_and_write()

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_write_bytes(path: pathlib.Path, data: bytes, what: str) -> None:
+    """Writes through a temporary file renamed over ``path``; on failure (disk full, ...) the temporary file
+    is removed and an ``OSError`` names ``path`` (see :func:`pejax.checkpoint.write_atomically`)."""
+    from pejax.checkpoint import write_atomically
+
+    write_atomically(path, lambda f: f.write(data), what=what)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -41,7 +39,7 @@ def write_synthetic(path: pathlib.Path, images, labels, *, notice: str | None = 
     buf = io.BytesIO()
     extra = {} if notice is None else {"notice": np.asarray(notice)}
     np.savez(buf, images=to_uint8(images), labels=np.asarray(labels, np.int32), **extra)
-    _atomic_write_bytes(path, buf.getvalue())
+    _atomic_write_bytes(path, buf.getvalue(), "synthetic data")
 
 
 def _json_safe(x):
@@ -58,7 +56,7 @@ def _json_safe(x):
 
 def write_json(path: pathlib.Path, doc: dict) -> None:
     _atomic_write_bytes(
-        path, (json.dumps(_json_safe(doc), indent=2, sort_keys=False) + "\n").encode()
+        path, (json.dumps(_json_safe(doc), indent=2, sort_keys=False) + "\n").encode(), "report"
     )
 
 
@@ -101,12 +99,12 @@ def save_samples_png(
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     arr = np.clip(np.rint(grid * 255), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     info = PngImagePlugin.PngInfo()
     if notice is not None:
         info.add_text("Comment", notice)
-    img.save(tmp, pnginfo=info)
-    os.replace(tmp, path)
+    from pejax.checkpoint import write_atomically
+
+    write_atomically(path, lambda tmp: img.save(tmp, pnginfo=info), what="image", suffix=".png")
 
 
 def save_metrics_png(path: pathlib.Path, history: Sequence[dict], *, accountant: str) -> None:
@@ -140,7 +138,9 @@ def save_metrics_png(path: pathlib.Path, history: Sequence[dict], *, accountant:
         axes[0, 0].set_ylabel(f"epsilon spent ({accountant})")
         axes[0, 1].axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from pejax.checkpoint import write_atomically
+
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100), what="plot", suffix=".png")
+    finally:
+        plt.close(fig)

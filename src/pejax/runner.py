@@ -479,7 +479,12 @@ class PrivateEvolution:
 
         def fits(c: float) -> bool:
             planned = self._planned(c * a, None if b is None else c * b)
-            return trial.epsilon_if(planned, p.accountant) <= p.epsilon
+            try:
+                return trial.epsilon_if(planned, p.accountant) <= p.epsilon
+            except ValueError as e:  # below accounting's noise floor: far too little noise
+                if "composed noise multiplier" in str(e):
+                    return False
+                raise
 
         # One Gaussian mechanism at (epsilon, delta) brackets the common scale (replace-one doubles the
         # squared sensitivity).
@@ -488,8 +493,12 @@ class PrivateEvolution:
         )
         c0 *= math.sqrt(2) if p.neighboring == "replace_one" else 1.0
         lo, hi = 0.5 * c0, 1.5 * c0
-        while not fits(hi):
+        for _ in range(64):
+            if fits(hi):
+                break
             lo, hi = hi, 2 * hi
+        else:  # pragma: no cover - epsilon and delta are range-checked, so 2^64 more noise always fits
+            raise ValueError(f"no noise multiplier reaches privacy.epsilon={p.epsilon:g}.")
         while fits(lo) and lo > 1e-6:
             lo, hi = lo / 2, lo
         while hi - lo > 1e-6 * hi:
@@ -522,7 +531,7 @@ class PrivateEvolution:
                 "privacy.max_private_samples (a public upper bound N on n; delta is then 1/(N ln N)), or use "
                 "privacy.neighboring = 'replace_one' if n is public."
             )
-        _validate.delta(delta, "privacy.delta")
+        accounting._check_delta_range(_validate.delta(delta, "privacy.delta"), "privacy.delta")
         public_n = n if p.neighboring == "replace_one" else p.max_private_samples
         if public_n is not None and delta >= 1.0 / public_n:
             warnings.warn(
@@ -711,6 +720,7 @@ class PrivateEvolution:
         }
 
     # --------------------------------------------------------------------------------------------- run
+    @ckpt.hold_checkpoint_lock
     def run(
         self,
         key: jax.Array,
@@ -747,6 +757,8 @@ class PrivateEvolution:
         Raises:
           BudgetExceededError: the planned releases would exceed ``privacy.epsilon``.
           CheckpointMismatchError: the checkpoint belongs to another configuration, generator, key or data.
+          FolderInUseError: another run holds ``checkpoint_dir``.
+          ForeignCheckpointError: without ``resume``, ``checkpoint_dir`` holds another run's checkpoints.
           GeneratorError: the generator failed permanently (the last checkpoint stays valid).
         """
         _check_public_key(key)
@@ -761,6 +773,8 @@ class PrivateEvolution:
         _check_every_class(counts)
         plan = self._plan(int(counts.sum()))
         fingerprint = self._fingerprint(key)
+        if not resume and self.checkpoint_dir is not None:
+            ckpt.check_no_foreign_checkpoints(self.checkpoint_dir, fingerprint)
         voted = images if private_stream is None else private_stream  # what the digest must cover
         progress = self._resume_or_start(
             key, plan, fingerprint, resume, noise_key, voted, labels, group_ids

@@ -43,6 +43,9 @@ def _glyphs(opts, ctx):
         )
     kw = {k: opts[k] for k in ("image_size", "handwriting", "warp_grid", "atlas_size")}
     if opts["fonts"] is not None:
+        from pejax.config import check_path_list
+
+        check_path_list("generator.fonts", opts["fonts"])
         kw["fonts"] = tuple(opts["fonts"])
     if opts["prior"] is not None:
         fields = tuple(f.name for f in dataclasses.fields(GlyphPrior))
