@@ -21,6 +21,7 @@ import pytest
 from _toy import ToyGenerator
 from _toy import flat
 from _toy import private_data
+from test_cli import SMALL as CLI_SMALL
 
 import pejax
 from pejax import checkpoint as ckpt
@@ -262,25 +263,9 @@ def test_two_process_run_counts_and_checks_over_all_processes(tmp_path):
 
 
 # ---------------------------------------------------------------------- 5. what outputs reveal (CLI)
-SMALL = """
-[run]
-seed = 3
-evaluate = false
-[data]
-source = "digits"
-[generator]
-kind = "glyphs"
-image_size = 16
-[privacy]
-epsilon = 2.0
-max_private_samples = 1797
-[pe]
-num_classes = 10
-samples_per_iteration = 100
-iterations = 2
-final_samples_per_class = 8
-degrees = [0.5, 0.2]
-"""
+SMALL = CLI_SMALL.replace("seed = 3", "seed = 3\nevaluate = false").replace(
+    "lookahead_degree = 1\n", ""
+)
 
 
 @pytest.mark.slow

@@ -446,9 +446,8 @@ class PrivateEvolution:
         )
 
     def _planned(
-        self, sigma, sigma_counts, relation=None, start: int = 0, counts_done: bool = False
+        self, sigma, sigma_counts, start: int = 0, counts_done: bool = False
     ) -> list[Release]:
-        del relation  # the relation is the runner's own (kept for callers of the old signature)
         planned = []
         if sigma_counts is not None and not counts_done:
             planned.append(self._counts_release(sigma_counts))
