@@ -224,7 +224,8 @@ def write_atomically(
                 os.fsync(f.fileno())
         else:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            fd = os.open(tmp, flags) if mode is None else os.open(tmp, flags, mode)
+            # 0o666 & ~umask, as open() would give: os.open's default 0o777 would make data files executable.
+            fd = os.open(tmp, flags, 0o666 if mode is None else mode)
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
