@@ -288,6 +288,7 @@ def test_cli_outputs_keep_the_key_secret_and_same_seed_runs_differ(tmp_path, cap
             assert secret.encode() not in p.read_bytes() and secret not in p.read_text(
                 errors="ignore"
             )
+            assert not p.stat().st_mode & 0o111, f"{p.name} is executable"
         assert secret not in printed.out + printed.err
         report = json.loads((out / "report.json").read_text())
         assert report["privacy"]["differentially_private"] is True and "WARNING" not in report
