@@ -14,7 +14,8 @@ How the numbers are made trustworthy:
   and reads it back after; the table gives the peak minus the RSS before the call (the method's extra memory,
   beyond its runtime and the inputs) and the peak itself.
 * **Interleaved**: the parent asks the workers for one call at a time, method after method, in an order rotated
-  every repetition, so drifts of the machine's speed hit every method alike. The GEMM floor ``2 n m d / rate``
+  every repetition, so drifts of the machine's speed hit every method alike; ``--gap`` seconds of pause before
+  each call let the previous method's idle BLAS/OpenMP threads stop spinning. The GEMM floor ``2 n m d / rate``
   (the fastest NumPy or JAX float32 matmul at the case's shape) is measured in every repetition too.
 * **Repeated until the spread is stated**: at least ``--repeats`` repetitions, more (up to ``--max-repeats``)
   while any method's interquartile range exceeds ``--spread`` of its median; the table shows the median and
@@ -458,6 +459,8 @@ def time_case(case: Case, methods: list[str], args, log) -> Row:
         while True:
             order = chosen[rep % len(chosen) :] + chosen[: rep % len(chosen)]
             for name in order:
+                # Let the previous method's BLAS/OpenMP threads stop spinning before the next one starts.
+                time.sleep(args.gap)
                 r = workers[name].ask("run")
                 times[name].append(r["t"])
                 extra[name] = max(extra[name], r["peak_mib"] - r["rss_mib"])
@@ -656,7 +659,7 @@ def write_results(args, header, rows, methods, log) -> bool:
         f.write("".join(f"  - {line}\n" for line in thread_lines(rows)))
         f.write(
             f"- timing: each method in its own process, one call at a time, methods interleaved in an order "
-            f"rotated every repetition; at least {args.repeats} repetitions, more (up to {args.max_repeats}) "
+            f"rotated every repetition, {args.gap} s of pause before each call; at least {args.repeats} repetitions, more (up to {args.max_repeats}) "
             f"while a method's interquartile range exceeded {args.spread:.0%} of its median. Cells: median "
             "[min, max] seconds; ratios: median [min, max] of per-repetition ratios. The first call of each "
             "method (pejax: compilation) is not timed. Inputs are NumPy float32 for every method (pejax's "
@@ -698,6 +701,13 @@ def main(argv=None) -> int:
         help="repeat while a method's IQR / median exceeds this",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of seconds")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.5,
+        help="seconds of pause before each call (idle BLAS/OpenMP threads of the previous method spin "
+        "for up to ~0.1 s and would steal cores from the next)",
+    )
     parser.add_argument(
         "--slow-cap", type=float, default=6.0, help="seconds before sklearn-l2 is subsampled"
     )

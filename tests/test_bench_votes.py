@@ -17,7 +17,17 @@ def _run(tmp_path, *extra):
     out = tmp_path / "bench.md"
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1] / "src"))
     cmd = [sys.executable, str(_SCRIPT), "--quick", "--cases", "small", "--methods"]
-    cmd += ["pejax,pejax-blas,faiss", "--repeats", "2", "--max-repeats", "2", "--settle", "0"]
+    cmd += [
+        "pejax,pejax-blas,faiss",
+        "--repeats",
+        "2",
+        "--max-repeats",
+        "2",
+        "--settle",
+        "0",
+        "--gap",
+        "0.05",
+    ]
     cmd += ["--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     return proc, out

@@ -193,3 +193,18 @@ def test_speed_config_backend():
         SpeedConfig(backend="blas", precision="bfloat16")
     with pytest.raises(ValueError, match="device mesh"):
         SpeedConfig(backend="blas", devices=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_sharing_leading_values_are_not_merged(backend):
+    # Rows 0, 2 and 3 agree on their first 5 values (the duplicate check's first look) but differ after;
+    # rows 1 and 4 are identical (the lowest index wins).
+    x = np.zeros((5, 7), np.float32)
+    x[:, 5] = [1.0, 4.0, 2.0, 3.0, 4.0]
+    x[1, :5] = x[4, :5] = 1.0
+    q = np.array(
+        [[0, 0, 0, 0, 0, 1.1, 0], [1, 1, 1, 1, 1, 4, 0], [0, 0, 0, 0, 0, 2.9, 0]], np.float32
+    )
+    out = pejax.nearest_neighbors(q, x, k=2, backend=backend)
+    assert out.indices.tolist() == [[0, 2], [1, 4], [3, 2]]
+    np.testing.assert_allclose(np.asarray(out.distances), knn(q, x, 2, "l2")[0], atol=1e-5)

@@ -107,14 +107,16 @@ def _blas_scores(q, x, metric, block_size, key_block_size):
     key_block = min(m, key_block_size or _MAX_KEY_BLOCK)
     if block_size is None:
         block_size = max(8, min(1024, _BLOCK_ELEMENTS // max(key_block, 1)))
-    scale = -2.0 if metric == "l2" else -1.0
-    xs = x * x.dtype.type(scale)  # exact: a power of two
+    scale = x.dtype.type(-2.0 if metric == "l2" else -1.0)
     key_sq = np.einsum("ij,ij->i", x, x) if metric == "l2" else None
     for start in range(0, n, block_size):
         rows = slice(start, min(start + block_size, n))
+        qs = (
+            q[rows] * scale
+        )  # exact (a power of two), and a query block is small: keys are not copied
         for k0 in range(0, m, key_block):
             k1 = min(k0 + key_block, m)
-            s = q[rows] @ xs[k0:k1].T
+            s = qs @ x[k0:k1].T
             if key_sq is not None:
                 s += key_sq[k0:k1]
             yield rows, k0, s
@@ -183,24 +185,35 @@ def _unique_keys(x: np.ndarray):
     ``members`` is (num_unique, r) int64: the original indices of each distinct row in ascending order, padded
     with ``m`` (r is the largest multiplicity). Identical keys must get identical scores for the lowest-index
     tie rule, but BLAS kernels compute the columns of one product with different summation orders (edge
-    tiles), so the search runs over distinct keys only and identical keys are expanded afterwards.
+    tiles), so the search runs over distinct keys only and identical keys are expanded afterwards. Returns
+    ``(x, None, None)`` when all rows are distinct (the common case: checked on the first 4 values of each row,
+    then on whole rows for the few that share them).
     """
     m, d = x.shape
-    x = np.ascontiguousarray(x + x.dtype.type(0.0))  # -0.0 -> 0.0: equal values, equal bytes
-    rows = x.view(np.dtype((np.void, x.dtype.itemsize * d))).ravel()
-    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    if first.size == m:
+
+    def void(a):  # rows as opaque bytes, with -0.0 turned into 0.0 (equal values, equal bytes)
+        a = np.ascontiguousarray(a + a.dtype.type(0.0))
+        return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+
+    _, head_inv, head_counts = np.unique(
+        void(x[:, : min(d, 4)]), return_inverse=True, return_counts=True
+    )
+    suspect = np.flatnonzero(head_counts[head_inv.reshape(-1)] > 1)
+    if suspect.size == 0:
         return x, None, None
-    order = np.argsort(first)  # unique ids in order of first occurrence
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    inverse = rank[inverse.reshape(-1)]
+    _, first_local, inv_local = np.unique(void(x[suspect]), return_index=True, return_inverse=True)
+    if first_local.size == suspect.size:
+        return x, None, None
+    rep = np.arange(m)
+    rep[suspect] = suspect[first_local[inv_local.reshape(-1)]]  # each row's first identical row
+    firsts = np.flatnonzero(rep == np.arange(m))  # ascending: ids in order of first occurrence
+    inverse = np.searchsorted(firsts, rep)
     counts = np.bincount(inverse)
-    members = np.full((order.size, int(counts.max())), m, np.int64)
+    members = np.full((firsts.size, int(counts.max())), m, np.int64)
     by_id = np.argsort(inverse, kind="stable")  # original indices grouped by id, ascending within
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     members[inverse[by_id], np.arange(m) - starts[inverse[by_id]]] = by_id
-    return x[first[order]], first[order], members
+    return x[firsts], firsts, members
 
 
 def _expand(scores, uidx, first, members, k, m):
