@@ -13,6 +13,7 @@ from _reference import knn
 
 import pejax
 from pejax.config import SpeedConfig
+from pejax.config import speed_from_dict
 from pejax.streaming import streamed_lattice_vote_histogram
 from pejax.streaming import streamed_vote_histogram
 from pejax.votes import lattice_vote_histogram
@@ -186,6 +187,7 @@ def test_bad_backend_arguments(monkeypatch):
 
 def test_speed_config_backend():
     assert SpeedConfig().backend == "xla"
+    assert speed_from_dict({"backend": "faiss"}) == SpeedConfig(backend="faiss")
     assert SpeedConfig(backend="blas").backend == "blas"
     with pytest.raises(ValueError, match=r"speed.backend.*'numpy'"):
         SpeedConfig(backend="numpy")
