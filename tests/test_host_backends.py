@@ -32,6 +32,7 @@ AWKWARD = [
     (13, 1000, 2, 5, None, 256),
     (257, 129, 33, 2, 64, 128),
     (300, 700, 16, 1, 1000, 129),
+    (240, 20, 2048, 2, None, None),  # high d: the faiss re-scoring runs in row blocks
 ]
 
 

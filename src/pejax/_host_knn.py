@@ -25,9 +25,11 @@ HOST_BACKENDS = ("blas", "faiss")
 # Score-block elements per query block (2**22 float32 = 16 MiB: the block stays near the caches for the
 # reductions after the matmul, and the matmul is still large enough to run at the BLAS rate).
 _BLOCK_ELEMENTS = 1 << 22
-# Keys per key block: above this the key set is split and the running k best merged (score block at most
-# 2**25 elements, as in the XLA kernel).
+# Keys per key block by default: above this the key set is split and the running k best merged (the score
+# block is then 8 x 2**20 elements). With a given block_size, key blocks keep the score block within
+# 2**25 elements, as in the XLA kernel.
 _MAX_KEY_BLOCK = 1 << 20
+_MAX_BLOCK_ELEMENTS = 1 << 25
 _FAISS_EXTRA = 8
 _F32_UNIT = 2.0**-24
 
@@ -104,6 +106,8 @@ def _finish(scores, idx, q, metric):
 def _blas_scores(q, x, metric, block_size, key_block_size):
     """Yields (row slice, key offset, scores) blocks; scores follow the module docstring."""
     n, m = q.shape[0], x.shape[0]
+    if key_block_size is None and block_size is not None:
+        key_block_size = max(1, _MAX_BLOCK_ELEMENTS // block_size)  # as the XLA kernel's key blocks
     key_block = min(m, key_block_size or _MAX_KEY_BLOCK)
     if block_size is None:
         block_size = max(8, min(1024, _BLOCK_ELEMENTS // max(key_block, 1)))
@@ -111,9 +115,8 @@ def _blas_scores(q, x, metric, block_size, key_block_size):
     key_sq = np.einsum("ij,ij->i", x, x) if metric == "l2" else None
     for start in range(0, n, block_size):
         rows = slice(start, min(start + block_size, n))
-        qs = (
-            q[rows] * scale
-        )  # exact (a power of two), and a query block is small: keys are not copied
+        # Scaling by a power of two is exact, and a query block is small: the keys are never copied.
+        qs = q[rows] * scale
         for k0 in range(0, m, key_block):
             k1 = min(k0 + key_block, m)
             s = qs @ x[k0:k1].T
@@ -152,11 +155,18 @@ def _faiss_search(q, x, *, k: int, metric: str, block_size: int | None, key_bloc
     cand = cand.astype(np.int64)
     key_sq = np.einsum("ij,ij->i", x, x)
     q_sq = np.einsum("ij,ij->i", q, q)
-    dots = np.einsum("nd,ncd->nc", q, x[cand])
-    scores = key_sq[cand] - 2.0 * dots if metric == "l2" else -dots
-    order = np.lexsort((cand, scores), axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)[:, :k]
-    cand = np.take_along_axis(cand, order, axis=1)[:, :k]
+    n = q.shape[0]
+    scores = np.empty((n, k), np.float32)
+    best = np.empty((n, k), np.int64)
+    rows = max(1, _BLOCK_ELEMENTS // (c * d))  # the gathered candidates of a block: at most 16 MiB
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        dots = np.einsum("nd,ncd->nc", q[a:b], x[cand[a:b]])
+        sc = key_sq[cand[a:b]] - 2.0 * dots if metric == "l2" else -dots
+        order = np.lexsort((cand[a:b], sc), axis=1)[:, :k]
+        scores[a:b] = np.take_along_axis(sc, order, axis=1)
+        best[a:b] = np.take_along_axis(cand[a:b], order, axis=1)
+    cand = best
     if c < m:
         # faiss's score of its last candidate: every key left out scored at least that in faiss.
         last = fd[:, -1] - q_sq if metric == "l2" else -fd[:, -1]
