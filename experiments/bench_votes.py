@@ -658,8 +658,9 @@ def write_results(args, header, rows, methods, log) -> bool:
         f.write("- threads and BLAS per method (threadpoolctl, in each method's own process):\n")
         f.write("".join(f"  - {line}\n" for line in thread_lines(rows)))
         f.write(
-            f"- timing: each method in its own process, one call at a time, methods interleaved in an order "
-            f"rotated every repetition, {args.gap} s of pause before each call; at least {args.repeats} repetitions, more (up to {args.max_repeats}) "
+            "- timing: each method in its own process, one call at a time, methods interleaved in an order "
+            f"rotated every repetition, {args.gap} s of pause before each call; at least {args.repeats} "
+            f"repetitions, more (up to {args.max_repeats}) "
             f"while a method's interquartile range exceeded {args.spread:.0%} of its median. Cells: median "
             "[min, max] seconds; ratios: median [min, max] of per-repetition ratios. The first call of each "
             "method (pejax: compilation) is not timed. Inputs are NumPy float32 for every method (pejax's "
