@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import math
 import warnings
 
@@ -375,6 +376,17 @@ def test_bfloat16_votes_give_the_float32_run():
         SpeedConfig(precision="float8")
     with pytest.raises(ValueError, match="not supported by PrivateEvolution with a device mesh"):
         make(speed=SpeedConfig(precision="bfloat16"), mesh=jax.make_mesh((1,), ("data",)))
+
+
+def test_host_backend_votes_give_the_xla_run():
+    """speed.backend='blas' (and 'faiss' when installed) reproduces the XLA run; refused with a mesh."""
+    r = run()
+    backends = ["blas"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
+    for backend in backends:
+        rb = run(speed=SpeedConfig(retry_backoff_s=0.0, backend=backend))
+        np.testing.assert_array_equal(np.asarray(r.images), np.asarray(rb.images))
+    with pytest.raises(ValueError, match="cannot vote over a device mesh"):
+        make(speed=SpeedConfig(backend="blas"), mesh=jax.make_mesh((1,), ("data",)))
 
 
 def test_progress_bar_shows_a_remote_generators_usage(capsys):

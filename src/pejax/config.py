@@ -20,6 +20,7 @@ from pejax.accounting import ACCOUNTANTS
 from pejax.accounting import _check_delta_range
 from pejax.accounting import _check_epsilon_range
 from pejax.mechanism import SELECTION_MODES
+from pejax.neighbors import BACKENDS
 from pejax.neighbors import METRICS
 from pejax.neighbors import PRECISIONS
 
@@ -228,6 +229,10 @@ class SpeedConfig:
       precision: matmul precision of the votes, as in :func:`pejax.vote_histogram`: ``"highest"``
         (float32, default), ``"high"``, ``"default"``, or ``"bfloat16"`` (bfloat16 matmuls with an exact
         float32 re-check; for GPUs and TPUs; not with a device mesh).
+      backend: the exact nearest-neighbour search of the votes: ``"xla"`` (default, any device), ``"blas"``
+        (the platform BLAS through NumPy, on the CPU) or ``"faiss"`` (faiss-cpu, extra ``pejax[faiss]``); the
+        last two need CPU embeddings, ``precision = "highest"`` and no device mesh. Same votes up to float32
+        near-ties.
       generator_retries: times a failing generator call is retried before the run stops.
       retry_backoff_s: first wait between retries in seconds (doubles after each failure).
       devices: vote over a device mesh: a device count (a 1-D mesh) or a mesh shape such as ``[2, 4]``
@@ -238,6 +243,7 @@ class SpeedConfig:
 
     block_size: int | None = None
     precision: str = "highest"
+    backend: str = "xla"
     generator_retries: int = 2
     retry_backoff_s: float = 0.5
     devices: int | tuple[int, ...] | None = None
@@ -247,6 +253,12 @@ class SpeedConfig:
         if self.block_size is not None:
             _validate.positive_int("speed.block_size", self.block_size)
         _validate.one_of("speed.precision", self.precision, PRECISIONS)
+        _validate.one_of("speed.backend", self.backend, BACKENDS)
+        if self.backend != "xla" and self.precision != "highest":
+            raise ValueError(
+                f"speed.backend={self.backend!r} computes in float32: it needs speed.precision='highest', got "
+                f"{self.precision!r}. Use backend 'xla' for reduced-precision matmuls on GPUs and TPUs."
+            )
         _validate.positive_int("speed.generator_retries", self.generator_retries, minimum=0)
         _validate.finite_float("speed.retry_backoff_s", self.retry_backoff_s, minimum=0.0)
         if self.devices is not None:
@@ -263,6 +275,11 @@ class SpeedConfig:
             object.__setattr__(
                 self, "devices", shape[0] if isinstance(self.devices, int) else tuple(shape)
             )
+            if self.backend != "xla":
+                raise ValueError(
+                    f"speed.backend={self.backend!r} searches on the host CPU and cannot vote over a device "
+                    f"mesh (speed.devices={self.devices!r}). Use backend 'xla' with a mesh, or drop devices."
+                )
         if self.private_stream is not None:
             if not isinstance(self.private_stream, str | pathlib.PurePath):
                 raise TypeError(

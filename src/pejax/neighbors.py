@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pejax import _host_knn
 from pejax import _validate
 
 METRICS = ("l2", "cosine", "ip")
@@ -411,6 +412,62 @@ def _knn_bfloat16(queries, keys, *, k, metric, block_size, key_block_size, extra
     return Neighbors(dist, idx), int(bad.size)
 
 
+BACKENDS = _host_knn.BACKENDS
+
+
+def check_backend(backend: str, precision: str, *arrays) -> str:
+    """Validates the ``backend`` speed setting (and its pairing with ``precision`` and the arrays' device).
+
+    ``"xla"`` (default) is the jitted kernel of this module on any device. ``"blas"`` and ``"faiss"`` compute the
+    same exact float32 search on the host CPU (see :mod:`pejax._host_knn`): they need concrete CPU arrays (not
+    inside ``jax.jit``, not on an accelerator) and ``precision="highest"``. A missing faiss raises ImportError
+    naming the extra.
+    """
+    _validate.one_of("backend", backend, BACKENDS)
+    if backend == "xla":
+        return backend
+    if precision != "highest":
+        raise ValueError(
+            f"precision={precision!r} is not supported with backend={backend!r}: the host backends always "
+            "compute in float32 (precision='highest'). Use precision='highest', or backend='xla' for "
+            "reduced-precision matmuls on GPUs and TPUs."
+        )
+    for a in arrays:
+        if _validate.is_traced(a):
+            raise ValueError(
+                f"backend={backend!r} cannot run inside jax.jit or vmap: it searches on the host with "
+                "NumPy. Call it outside jit, or use backend='xla' inside jit."
+            )
+        if not _validate.on_host(a):
+            raise ValueError(
+                f"backend={backend!r} searches on the host CPU, but an input lives on "
+                f"{sorted({str(d) for d in a.devices()})}. Use backend='xla' for arrays on an accelerator."
+            )
+    if backend == "faiss":
+        _host_knn.import_faiss()
+    return backend
+
+
+def host_knn(queries, keys, k, metric, block_size, key_block_size, backend):
+    """The search of a host backend on inputs checked by :func:`check_pair` and :func:`check_backend`."""
+    block_plan(
+        queries.shape[0],
+        keys.shape[0],
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision="highest",
+    )  # validates the block sizes
+    return _host_knn.knn_host(
+        queries,
+        keys,
+        k=k,
+        metric=metric,
+        backend=backend,
+        block_size=block_size,
+        key_block_size=key_block_size,
+    )
+
+
 def check_pair(queries, keys, *, k: int, metric: str, queries_name: str, keys_name: str):
     """Validates a (queries, keys, k, metric) quadruple; returns (queries, keys) as JAX arrays."""
     _validate.one_of("metric", metric, METRICS)
@@ -443,6 +500,7 @@ def nearest_neighbors(
     block_size: int | None = None,
     key_block_size: int | None = None,
     precision: str = "highest",
+    backend: str = "xla",
 ) -> Neighbors:
     """Finds the ``k`` nearest keys of every query, streaming in blocks.
 
@@ -460,6 +518,10 @@ def nearest_neighbors(
         float32 re-check of the candidates and of every row a rounding bound cannot certify (see
         :func:`pejax.neighbors.knn_bfloat16`; for GPUs and TPUs, slower on CPUs). No precision changes any
         privacy property.
+      backend: ``"xla"`` (default: the jitted kernel, any device), ``"blas"`` (the platform BLAS through NumPy
+        on the host CPU) or ``"faiss"`` (faiss-cpu, extra ``pejax[faiss]``), the last two for CPU arrays
+        outside ``jit`` with ``precision="highest"``. Same metrics, scores and tie rule: the neighbours agree
+        up to float32 near-ties. Speed setting only (see :mod:`pejax._host_knn`).
 
     Returns:
       ``Neighbors(distances, indices)``: (n, k) float32 distances in ascending order and (n, k) int32 indices.
@@ -480,6 +542,9 @@ def nearest_neighbors(
         queries, keys, k=k, metric=metric, queries_name="queries", keys_name="keys"
     )
     _validate.one_of("precision", precision, PRECISIONS)
+    if check_backend(backend, precision, queries, keys) != "xla":
+        dist, idx = host_knn(queries, keys, k, metric, block_size, key_block_size, backend)
+        return Neighbors(jax.device_put(dist), jax.device_put(idx))
     if precision == BFLOAT16:
         # The core, not the public knn_bfloat16: the inputs were validated just above.
         return _knn_bfloat16(
@@ -532,4 +597,4 @@ def padded_work_fraction(n: int, block_size: int) -> float:
     return 1.0 - n / (num_blocks * rows) if n else 0.0
 
 
-__all__ = ["METRICS", "PRECISIONS", "Neighbors", "knn_bfloat16", "nearest_neighbors"]
+__all__ = ["BACKENDS", "METRICS", "PRECISIONS", "Neighbors", "knn_bfloat16", "nearest_neighbors"]

@@ -406,6 +406,11 @@ class PrivateEvolution:
             from pejax.neighbors import check_matmul_precision
 
             check_matmul_precision(self.speed.precision, "PrivateEvolution with a device mesh")
+            if self.speed.backend != "xla":
+                raise ValueError(
+                    f"speed.backend={self.speed.backend!r} searches on the host CPU and cannot vote over a "
+                    "device mesh. Use backend 'xla' with a mesh, or run without one."
+                )
 
     # ----------------------------------------------------------------------------------------- privacy
     @property
@@ -670,6 +675,7 @@ class PrivateEvolution:
             group_ids=groups,
             block_size=self.speed.block_size,
             precision=self.speed.precision,
+            backend=self.speed.backend,
         )
         if isinstance(private_emb, _StreamRows):
             from pejax.streaming import streamed_lattice_vote_histogram
@@ -681,6 +687,7 @@ class PrivateEvolution:
             return lattice_vote_histogram(private_emb, candidates_emb, **kw)
         from pejax.sharding import sharded_lattice_vote_histogram
 
+        del kw["backend"]  # "xla" (checked in __init__)
         return sharded_lattice_vote_histogram(private_emb, candidates_emb, mesh=self.mesh, **kw)
 
     def _noisy_votes(self, noise_key, t, y, private: _Private, candidates_emb, sigma) -> np.ndarray:

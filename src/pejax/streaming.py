@@ -324,6 +324,7 @@ def streamed_vote_histogram(
     block_size: int | None = None,
     key_block_size: int | None = None,
     precision: str = "highest",
+    backend: str = "xla",
     rows=None,
     _lattice: bool = False,
 ) -> jax.Array:
@@ -339,7 +340,8 @@ def streamed_vote_histogram(
       k: each private sample votes for its k nearest synthetic samples with weight 1/sqrt(k).
       metric: ``"l2"``, ``"cosine"`` or ``"ip"``, as in :func:`pejax.nearest_neighbors`.
       group_ids: optional (n,) integer user ids (user-level privacy); keeps the (n, k) int32 indices in memory.
-      block_size, key_block_size, precision: kernel settings, as in :func:`pejax.vote_histogram`.
+      block_size, key_block_size, precision, backend: kernel settings, as in :func:`pejax.vote_histogram`
+        (``backend="blas"`` or ``"faiss"``: each chunk searched on the host CPU).
       rows: optional sorted row indices: vote with those rows of ``private`` only (e.g. one class); ``group_ids``
         are then those rows' ids.
 
@@ -389,6 +391,17 @@ def streamed_vote_histogram(
         )
     groups = None if group_ids is None else _votes.dense_group_ids(group_ids, n)
     dtype = _common_dtype(rows.dtype, synthetic.dtype)
+    if _nn.check_backend(backend, precision, synthetic) != "xla":
+        return _streamed_on_host(
+            rows,
+            np.asarray(synthetic, dtype),
+            chunk_rows,
+            groups,
+            _lattice,
+            k,
+            metric,
+            **{"block_size": block_size, "key_block_size": key_block_size, "backend": backend},
+        )
     keys = jnp.asarray(synthetic, dtype)
     chunk_rows = min(chunk_rows, n)
     kernel = dict(
@@ -430,6 +443,31 @@ def streamed_vote_histogram(
     a, b, idx = pending
     indices[a:b] = np.asarray(idx)[: b - a]
     if _lattice:
+        return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
+    return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
+
+
+def _streamed_on_host(rows, keys, chunk_rows, groups, lattice, k, metric, **kernel):
+    """The chunk loop of :func:`streamed_vote_histogram` with a host backend (NumPy indices and counts)."""
+    n, m = rows.shape[0], keys.shape[0]
+    counts = np.zeros((m,), np.int64)
+    indices = None if groups is None else np.empty((n, k), np.int32)
+    for start in range(0, n, min(chunk_rows, n)):
+        stop = min(start + chunk_rows, n)
+        chunk = rows.read(start, stop)
+        bad = _first_nonfinite_row(chunk)
+        if bad is not None:
+            raise ValueError(_nonfinite_message("private", start + bad))
+        idx = _nn.host_knn(chunk.astype(keys.dtype, copy=False), keys, k, metric, **kernel)[1]
+        if groups is None:
+            counts += np.bincount(idx.reshape(-1), minlength=m)
+        else:
+            indices[start:stop] = idx
+    if groups is None:
+        if lattice:
+            return _votes.sample_lattice(counts, k=k)
+        return _scale_counts(jnp.asarray(counts.astype(np.int32)), k)
+    if lattice:
         return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
     return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
 

@@ -153,6 +153,7 @@ def vote_histogram(
     block_size: int | None = None,
     key_block_size: int | None = None,
     precision: str = "highest",
+    backend: str = "xla",
 ) -> jax.Array:
     """Nearest-neighbour vote histogram of private embeddings over synthetic embeddings.
 
@@ -163,8 +164,9 @@ def vote_histogram(
       metric: ``"l2"``, ``"cosine"`` or ``"ip"``, as in :func:`pejax.nearest_neighbors`.
       group_ids: optional (n,) integer user ids for user-level privacy; each user's summed vote vector is scaled
         to L2 norm 1.
-      block_size, key_block_size, precision: speed settings passed to :func:`pejax.nearest_neighbors`; they do
-        not change the votes (beyond float32 near-ties) nor the privacy guarantee.
+      block_size, key_block_size, precision, backend: speed settings passed to :func:`pejax.nearest_neighbors`
+        (``backend="blas"`` or ``"faiss"``: the exact search with the platform BLAS or faiss, for CPU arrays);
+        they do not change the votes (beyond float32 near-ties) nor the privacy guarantee.
 
     Returns:
       (m,) float32 histogram with L2 sensitivity :data:`HISTOGRAM_SENSITIVITY` = 1. At sample level it sums to
@@ -186,6 +188,11 @@ def vote_histogram(
     )
     groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
     _validate.one_of("precision", precision, _nn.PRECISIONS)
+    if _nn.check_backend(backend, precision, private, synthetic) != "xla":
+        indices = _nn.host_knn(private, synthetic, k, metric, block_size, key_block_size, backend)[
+            1
+        ]
+        return _votes_from(jax.device_put(indices), groups, m=synthetic.shape[0], k=k)
     if precision == _nn.BFLOAT16:
         indices = _nn._knn_bfloat16(
             private,
@@ -292,6 +299,7 @@ def lattice_vote_histogram(
     block_size: int | None = None,
     key_block_size: int | None = None,
     precision: str = "highest",
+    backend: str = "xla",
 ) -> LatticeVotes:
     """:func:`vote_histogram` on its integer lattice, for the discrete Gaussian mechanism.
 
@@ -308,6 +316,15 @@ def lattice_vote_histogram(
         private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
     )
     groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
+    m = synthetic.shape[0]
+    _validate.one_of("precision", precision, _nn.PRECISIONS)
+    if _nn.check_backend(backend, precision, private, synthetic) != "xla":
+        indices = _nn.host_knn(private, synthetic, k, metric, block_size, key_block_size, backend)[
+            1
+        ]
+        if groups is None:
+            return sample_lattice(np.bincount(indices.reshape(-1), minlength=m), k=k)
+        return user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
     indices = _nn.nearest_neighbors(
         private,
         synthetic,
@@ -317,7 +334,6 @@ def lattice_vote_histogram(
         key_block_size=key_block_size,
         precision=precision,
     ).indices
-    m = synthetic.shape[0]
     if groups is None:
         return sample_lattice(_counts(indices, m=m), k=k)
     return user_lattice(np.asarray(indices), np.asarray(groups), num_bins=m, k=k)
