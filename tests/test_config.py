@@ -52,11 +52,27 @@ def test_pe_config_errors(kwargs, exc, match):
         (dict(epsilon=1.0, accountant="moments"), "privacy.accountant must be one of"),
         (dict(epsilon=1.0, class_proportions=(0.5, 0.6)), "summing to 1"),
         (dict(epsilon=1.0, class_count_budget=1.0), r"class_count_budget must lie in \(0, 1\)"),
+        (dict(epsilon=1.0, neighboring="swap"), "privacy.neighboring must be one of"),
+        (
+            dict(epsilon=1.0, max_private_samples=1),
+            "privacy.max_private_samples must be an integer >= 2",
+        ),
+        (dict(epsilon=1.0, accountant="gaussian"), "runs release the discrete Gaussian"),
+        (dict(epsilon=1.0, user_level=True, accountant="pld"), "cannot account user-level runs"),
     ],
 )
 def test_privacy_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PrivacyConfig(**kwargs)
+
+
+def test_privacy_config_noise_seed_and_default_accountant():
+    with pytest.raises(TypeError, match=r"privacy\.noise_seed must be an integer"):
+        PrivacyConfig(epsilon=1.0, noise_seed="7")
+    with pytest.raises(TypeError, match=r"privacy\.max_private_samples must be an integer"):
+        PrivacyConfig(epsilon=1.0, max_private_samples=1.5)
+    assert PrivacyConfig(epsilon=1.0).accountant == "pld"
+    assert PrivacyConfig(epsilon=1.0, user_level=True).accountant == "rdp"
 
 
 def test_frozen():
