@@ -316,3 +316,12 @@ def test_full_pe_run_through_text_generator(gen):
         sigma, value_discretization_interval=1e-4
     ).self_compose(2)
     assert result.ledger.epsilon("pld") == pytest.approx(pld.get_epsilon_for_delta(delta), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["", " ", "two words", 3, None])
+def test_mask_token_must_be_one_word(bad):
+    from pejax.generators.text_codec import check_mask_token
+
+    with pytest.raises(ValueError, match="mask_token must be a non-empty string without spaces"):
+        check_mask_token(bad)
+    assert check_mask_token("<mask>") == "<mask>"

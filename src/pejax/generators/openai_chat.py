@@ -72,6 +72,7 @@ from pejax.generators._checked import GeneratorError
 from pejax.generators._rate_limit import RateLimiter
 from pejax.generators._response_cache import ResponseCache
 from pejax.generators._response_cache import request_key
+from pejax.generators.text_codec import check_mask_token
 from pejax.generators.text_codec import decode_texts
 from pejax.generators.text_codec import encode_texts
 
@@ -452,15 +453,7 @@ class OpenAIChatGenerator:
             ("masked",),
             {"prompt": "", "mask": "", "words": 0, "masked": ""},
         )
-        if (
-            not isinstance(mask_token, str)
-            or not mask_token.strip()
-            or any(c.isspace() for c in mask_token)
-        ):
-            raise ValueError(
-                f"mask_token must be a non-empty string without spaces, got {mask_token!r}."
-            )
-        self.mask_token = mask_token
+        self.mask_token = check_mask_token(mask_token)
         self.max_tokens = _int("max_tokens", max_tokens, 1)
         self.length_factor = (
             None

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _torch_bridge as tb
+from pejax.generators.text_codec import check_mask_token
 from pejax.generators.text_codec import decode_texts
 from pejax.generators.text_codec import encode_texts
 
@@ -173,15 +174,7 @@ class CausalLMTextGenerator:
                 f"rewrite_template may only use the fields prompt, mask, words and masked: {e!r}."
             ) from e
         self.rewrite_template = rewrite_template
-        if (
-            not isinstance(mask_token, str)
-            or not mask_token.strip()
-            or any(c.isspace() for c in mask_token)
-        ):
-            raise ValueError(
-                f"mask_token must be a non-empty string without spaces, got {mask_token!r}."
-            )
-        self.mask_token = mask_token
+        self.mask_token = check_mask_token(mask_token)
         self.word_tokens = _int("word_tokens", word_tokens, 1)
         self.length_factor = _float("length_factor", length_factor, 0.0, 100.0, open_lo=True)
         self.length_slack = _int("length_slack", length_slack, 0)

@@ -21,6 +21,19 @@ from typing import Any
 import numpy as np
 
 
+def check_mask_token(mask_token) -> str:
+    """Returns ``mask_token`` after checking it is one non-empty word (the fill-in-the-blanks mask of Aug-PE)."""
+    if (
+        not isinstance(mask_token, str)
+        or not mask_token.strip()
+        or any(c.isspace() for c in mask_token)
+    ):
+        raise ValueError(
+            f"mask_token must be a non-empty string without spaces, got {mask_token!r}."
+        )
+    return mask_token
+
+
 def _truncate(data: bytes, max_bytes: int) -> bytes:
     if len(data) <= max_bytes:
         return data
@@ -108,4 +121,4 @@ def decode_texts(arr: Any) -> list[str]:
     return texts
 
 
-__all__ = ["decode_texts", "encode_texts"]
+__all__ = ["check_mask_token", "decode_texts", "encode_texts"]
