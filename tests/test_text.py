@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_models import byte_bpe_tokenizer
+from _tiny_models import tiny_gpt2
 
 import pejax.runner
 from pejax.generators.text_codec import decode_texts
@@ -83,38 +85,8 @@ def torch():
 @pytest.fixture(scope="module")
 def lm_path(torch, tmp_path_factory):
     """A byte-level BPE tokenizer trained on a few sentences and a one-layer random GPT-2, saved to disk."""
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers import decoders
-    from tokenizers import models
-    from tokenizers import pre_tokenizers
-    from tokenizers import trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=tok.get_vocab_size(),
-            n_positions=128,
-            n_embd=32,
-            n_layer=1,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    fast = byte_bpe_tokenizer(CORPUS)
+    model = tiny_gpt2(len(fast))
     path = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(path)
     fast.save_pretrained(path)
