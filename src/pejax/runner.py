@@ -879,7 +879,8 @@ class PrivateEvolution:
                     "the checkpoint's own key: pass no noise_key."
                 )
             noise_key = _shared_noise_key(stored)
-            if meta.get("data_digest") != self._data_digest(noise_key, images, labels, group_ids):
+            progress.data_digest = self._data_digest(noise_key, images, labels, group_ids)
+            if meta.get("data_digest") != progress.data_digest:
                 raise CheckpointMismatchError(
                     f"checkpoint {str(path)!r} was written for other private data; resuming would draw the "
                     "same noise for different data (which would reveal their difference). Resume with the "
@@ -897,9 +898,9 @@ class PrivateEvolution:
                 noise_key = NoiseKey.generate() if seed is None else NoiseKey.from_seed(seed)
             noise_key = _shared_noise_key(noise_key)
             progress.ledger = PrivacyLedger(delta=plan.delta)
+            progress.data_digest = self._data_digest(noise_key, images, labels, group_ids)
         progress.noise_key = noise_key
         progress.fingerprint = fingerprint
-        progress.data_digest = self._data_digest(noise_key, images, labels, group_ids)
         return progress
 
     def _meta(self, t: int, progress: _Progress, plan: _Plan) -> dict:
