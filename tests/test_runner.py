@@ -13,6 +13,7 @@ from _toy import private_data
 
 import pejax
 from pejax import checkpoint as ckpt
+from pejax import engine
 from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
@@ -169,7 +170,6 @@ def test_user_level_run():
 
 def test_lookahead_embeds_the_mean_of_L_variations_in_one_call():
     gen = ToyGenerator()
-    runner = make(generator=gen, pe=dataclasses.replace(PE, iterations=1, lookahead_degree=3))
     samples = gen.random(jax.random.key(0), 1, 7)
     seen = []
     inner_variation = gen.variation
@@ -179,17 +179,26 @@ def test_lookahead_embeds_the_mean_of_L_variations_in_one_call():
         return inner_variation(key, s, label, degree)
 
     gen.variation = spy
-    emb = np.asarray(runner._embed_candidates(jax.random.key(1), samples, 1, 0.5))
-    assert seen == [21]  # one call for 3 variations of 7 candidates
+
+    def embed(key, degree, rows):
+        return np.asarray(
+            engine.embed_candidates(
+                key, samples, 1, degree, generator=gen, embedding=flat, lookahead=3, rows=rows
+            )
+        )
+
+    emb = embed(jax.random.key(1), 0.5, 9)
+    assert seen == [
+        21
+    ]  # one call for 3 variations of 7 candidates (a non-batching generator: exact size)
+    assert emb.shape == (9, np.asarray(samples)[0].size)  # padded to the requested rows
     # Row i is the mean of the embeddings of rows i, 7 + i, 14 + i of that call's output.
     var = np.asarray(inner_variation(jax.random.key(1), np.tile(samples, (3, 1, 1, 1)), 1, 0.5))
     expected = var.reshape(3, 7, -1).mean(axis=0)
-    np.testing.assert_allclose(emb, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(emb[:7], expected, rtol=1e-6, atol=1e-6)
     # Degree 0 varies nothing: the lookahead embedding is the candidate's own.
     np.testing.assert_allclose(
-        np.asarray(runner._embed_candidates(jax.random.key(2), samples, 1, 0.0)),
-        np.asarray(samples).reshape(7, -1),
-        atol=1e-6,
+        embed(jax.random.key(2), 0.0, 7), np.asarray(samples).reshape(7, -1), atol=1e-6
     )
 
 
@@ -325,8 +334,13 @@ def test_key_is_required_and_checked():
 def test_mismatched_embedding_dimension_is_caught():
     x, y = private_data()
 
-    def bad_embedding(images):
-        return flat(images)[:, : 30 if images.shape[0] == 30 else 36]
+    calls = []
+
+    def bad_embedding(
+        images,
+    ):  # private images (embedded first, one call per class) get 30 dimensions
+        calls.append(images.shape[0])
+        return flat(images)[:, : 30 if len(calls) <= PE.num_classes else 36]
 
     with pytest.raises(ValueError, match="same embedding dimension"):
         PrivateEvolution(

@@ -81,8 +81,11 @@ def check_images(name: str, images: Any) -> jax.Array:
         )
     if _validate.is_traced(images):
         return images
-    images = jnp.asarray(images)
-    if not bool(jnp.isfinite(images).all()):
+    on_host = _validate.on_host(images)
+    images = _validate.to_device(images)
+    # CPU arrays are checked in NumPy (no program compiled per shape), others on their device.
+    finite = np.isfinite(np.asarray(images)).all() if on_host else jnp.isfinite(images).all()
+    if not bool(finite):
         bad = np.argwhere(~np.isfinite(np.asarray(images, dtype=np.float32)))
         raise ValueError(
             f"{name} contains NaN or Inf ({len(bad)} values, first in image {int(bad[0][0])}). "

@@ -102,6 +102,10 @@ class SentenceTransformerEmbedding:
       (2, 384)
     """
 
+    batch_buckets = (
+        False  # a torch model: no compilation per batch size, so the PE engine does not pad
+    )
+
     def __init__(
         self,
         path_or_name: str | os.PathLike | None = None,
@@ -196,6 +200,10 @@ class TransformersImageEmbedding:
       dim: D (known after the first call; ``None`` before).
       __name__: ``"transformers:<model class>:<folder name>"``.
     """
+
+    batch_buckets = (
+        False  # a torch model: no compilation per batch size, so the PE engine does not pad
+    )
 
     def __init__(
         self,

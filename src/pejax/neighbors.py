@@ -118,13 +118,15 @@ def _knn_scores(
     num_query_blocks,
     precision,
     key_sq=None,
+    num_keys=None,
 ):
     """Ranking scores (smaller is nearer) and int32 indices of the k nearest keys, each (n, k).
 
     For ``"l2"`` the score is ``||x||^2 - 2 q.x`` (the squared distance less ``||q||^2``); for ``"cosine"``
     and ``"ip"`` it is ``-q.x`` of the (normalised) vectors. ``key_sq`` (m,) float32 replaces the squared key
-    norms computed from ``keys`` (the bfloat16 path passes the exact float32 norms). Traceable; the callers jit
-    it.
+    norms computed from ``keys`` (the bfloat16 path passes the exact float32 norms). ``num_keys`` (a traced int32
+    scalar, default m) masks keys ``num_keys..m-1`` as padding that can never win, so key sets padded to a shared
+    size reuse one compiled program. Traceable; the callers jit it.
     """
     n, d = queries.shape
     m = keys.shape[0]
@@ -141,7 +143,8 @@ def _knn_scores(
     else:
         key_sq = jnp.zeros((m_pad,), jnp.float32)
     # Padded keys can never win.
-    key_bias = jnp.where(jnp.arange(m_pad) < m, key_sq, jnp.inf)
+    valid_keys = m if num_keys is None else jnp.minimum(num_keys, m)
+    key_bias = jnp.where(jnp.arange(m_pad) < valid_keys, key_sq, jnp.inf)
     # Fold the factor -2 (or -1) into the keys once: scaling by a power of two is exact, and it saves a
     # multiply per score.
     scale = -2.0 if metric == "l2" else -1.0

@@ -48,14 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
+from pejax import engine
 from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.mechanism import add_gaussian_noise
 from pejax.runner import PrivateEvolution
-from pejax.runner import _Private
 from pejax.secure_noise import NoiseKey
 from pejax.secure_noise import discrete_gaussian_noise
-from pejax.votes import vote_histogram
 
 SCORES = ("llr", "llr_all_classes", "difference_iterations", "difference_classes", "seed_replay")
 
@@ -147,27 +146,43 @@ def make_run_audit_setup(
 
 
 # ------------------------------------------------------------------------------------- planted bugs
+class _RemappedKey:
+    """A noise key whose per-release keys are remapped (the planted noise-sharing bugs)."""
+
+    def __init__(self, key: NoiseKey, remap: Callable[[int, int], tuple[int, int]]):
+        self.key, self.remap = key, remap
+
+    def fold_in(self, t: int, label: int) -> NoiseKey:
+        return self.key.fold_in(*self.remap(t, label))
+
+
 class SharedNoiseAcrossClasses(PrivateEvolution):
     """Bug: every class of an iteration draws the same noise (class 1 reuses class 0's key)."""
 
-    def _release_key(self, noise_key, t, label):
-        return noise_key.fold_in(t, 0)
+    def _step(self, state, votes, noise_key, plan):
+        return super()._step(state, votes, _RemappedKey(noise_key, lambda t, y: (t, 0)), plan)
 
 
 class SharedNoiseAcrossIterations(PrivateEvolution):
     """Bug: every iteration of a class draws the same noise."""
 
-    def _release_key(self, noise_key, t, label):
-        return noise_key.fold_in(1, label)
+    def _step(self, state, votes, noise_key, plan):
+        return super()._step(state, votes, _RemappedKey(noise_key, lambda t, y: (1, y)), plan)
 
 
 class NoiseBeforeClassMask(PrivateEvolution):
     """Bug: every class's histogram is voted by all private samples (the class mask comes too late)."""
 
-    def _split_private(self, images, labels, group_ids):
-        everyone = self._embed(jnp.asarray(images), "private images")
+    def _private_votes(self, images, labels, group_ids, private_stream):
+        everyone = super()._private_votes(images, np.zeros_like(labels), group_ids, None)
         c = self.pe.num_classes
-        return _Private([everyone] * c, [None] * c, labels, group_ids)
+        return engine.PrivateVotes(
+            [everyone.embeddings[0]] * c,
+            [everyone.rows[0]] * c,
+            [None] * c,
+            pe=self.pe,
+            speed=self.speed,
+        )
 
 
 def public_seed(key: jax.Array) -> int:
@@ -186,10 +201,23 @@ class PublicNoiseKey(PrivateEvolution):
 class ContinuousNoise(PrivateEvolution):
     """Bug: float32 Gaussian noise on the real-valued histogram (leaks through its floating-point support)."""
 
-    def _noisy_votes(self, noise_key, t, y, private, candidates_emb, sigma):
-        hist = vote_histogram(private.embeddings[y], candidates_emb, k=self.pe.k)
-        key = jax.random.key(secrets.randbits(31))
-        return np.asarray(add_gaussian_noise(key, hist, noise_multiplier=sigma), np.float64)
+    def _step(self, state, votes, noise_key, plan):
+        return engine.step(
+            state,
+            votes,
+            noise_key=noise_key,
+            generator=self.generator,
+            embedding=self.embedding,
+            pe=self.pe,
+            noise_multiplier=plan.sigma,
+            mechanism=_float_gaussian,
+        )
+
+
+def _float_gaussian(noise_key, votes, *, noise_multiplier):
+    hist = jnp.asarray(votes.counts * votes.scale, jnp.float32)
+    key = jax.random.key(secrets.randbits(31))
+    return np.asarray(add_gaussian_noise(key, hist, noise_multiplier=noise_multiplier), np.float64)
 
 
 PLANTED_BUGS: dict[str, type[PrivateEvolution]] = {

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import pathlib
@@ -46,6 +45,7 @@ import numpy as np
 from pejax import _validate
 from pejax import accounting
 from pejax import checkpoint as ckpt
+from pejax import engine
 from pejax.accounting import PrivacyLedger
 from pejax.accounting import Release
 from pejax.config import PEConfig
@@ -55,16 +55,12 @@ from pejax.config import to_dict
 from pejax.generators._checked import CheckedGenerator
 from pejax.mechanism import PejaxWarning
 from pejax.mechanism import add_discrete_gaussian_noise
-from pejax.mechanism import release_lattice_votes
-from pejax.mechanism import select_parents
-from pejax.mechanism import threshold
 from pejax.secure_noise import NoiseKey
 from pejax.votes import NEIGHBORING_RELATION_GROUP
 from pejax.votes import NEIGHBORING_RELATION_SAMPLE
 from pejax.votes import REPLACE_ONE_GROUP
 from pejax.votes import REPLACE_ONE_SAMPLE
 from pejax.votes import USER_LATTICE_BITS
-from pejax.votes import lattice_vote_histogram
 
 TEXT_SUPPORTED = True
 """Text generators (``modality = "text"``, samples = (N, L) uint8 UTF-8 bytes) are supported: the
@@ -156,49 +152,6 @@ class _Plan(NamedTuple):
     sigma: float
     sigma_counts: float | None
     relation: str
-
-
-class _StreamRows(NamedTuple):
-    """Class y's private embeddings as rows of a ``.npy`` file (or array), voted in chunks, never loaded whole."""
-
-    source: Any
-    rows: np.ndarray
-
-
-class _Private(NamedTuple):
-    """Private embeddings by class (in memory, or :class:`_StreamRows` of a file), with their user ids."""
-
-    embeddings: list[jax.Array]
-    groups: list[np.ndarray | None]
-    labels: np.ndarray
-    group_ids: np.ndarray | None
-
-
-def _host(a) -> np.ndarray:
-    return np.asarray(jax.device_get(a))
-
-
-# Tree plumbing between generator calls runs on the host in NumPy: per-class sizes differ, and doing it with jnp
-# would compile one small XLA program per shape (hundreds in a demo run) for microseconds of work.
-# (jax.device_put moves the results back without compiling anything; generators keep receiving JAX arrays.)
-def _tree_take(tree, idx):
-    idx = np.asarray(idx)
-    return jax.tree_util.tree_map(lambda a: jax.device_put(_host(a)[idx]), tree)
-
-
-def _tree_concat(trees: Sequence[Any]):
-    return jax.tree_util.tree_map(
-        lambda *xs: jax.device_put(np.concatenate([_host(x) for x in xs])), *trees
-    )
-
-
-def _tree_slices(tree, sizes: Sequence[int]):
-    bounds = np.cumsum([0, *sizes])
-    host = jax.tree_util.tree_map(_host, tree)
-    return [
-        jax.tree_util.tree_map(lambda a, s=s, e=e: jax.device_put(a[s:e]), host)
-        for s, e in itertools.pairwise(bounds)
-    ]
 
 
 def _flatten(tree) -> dict[str, np.ndarray]:
@@ -586,29 +539,6 @@ class PrivateEvolution:
         every = _gather_rows(np.frombuffer(bytes.fromhex(local), np.int64)[None, :])
         return noise_key.digest(every.tobytes())
 
-    def _embed(self, images, what: str) -> jax.Array:
-        emb = self.embedding(images)
-        shape = tuple(np.shape(emb))
-        if len(shape) != 2 or shape[0] != images.shape[0]:
-            raise ValueError(
-                f"embedding {self.embedding_name!r} must map {images.shape[0]} images to an array of shape "
-                f"({images.shape[0]}, D) for {what}, got {shape}."
-            )
-        return jnp.asarray(emb, jnp.float32)
-
-    def _embed_candidates(self, key, samples, label, degree) -> jax.Array:
-        L = self.pe.lookahead_degree
-        if L == 0:
-            return self._embed(self.generator.render(samples), f"candidates of class {label}")
-        # One call for all L variations: the candidates tiled L times (copy j of candidate i at row
-        # j * n + i). Each row gets its own noise, so this is L independent variations of each candidate,
-        # with one dispatch (and one output check) instead of L.
-        n = jax.tree_util.tree_leaves(samples)[0].shape[0]
-        tiled = _tree_take(samples, np.tile(np.arange(n), L))
-        var = self.generator.variation(key, tiled, label, degree)
-        emb = self._embed(self.generator.render(var), f"lookahead candidates of class {label}")
-        return emb.reshape(L, n, emb.shape[1]).mean(axis=0)
-
     def _restore_samples(self, arrays: dict[str, np.ndarray], key):
         names = sorted(n for n in arrays if n.startswith("samples"))
         try:
@@ -622,7 +552,7 @@ class PrivateEvolution:
                 f"checkpoint samples have arrays {names}, but generator {self.generator.name!r} makes "
                 f"{expected}; it was written with another generator."
             )
-        leaves = [jnp.asarray(arrays["samples" + jax.tree_util.keystr(p)]) for p, _ in paths]
+        leaves = [jax.device_put(arrays["samples" + jax.tree_util.keystr(p)]) for p, _ in paths]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def _save(self, t, samples, labels, meta):
@@ -644,57 +574,33 @@ class PrivateEvolution:
         return metrics
 
     # ------------------------------------------------------------- the private side (votes and counts)
-    def _release_key(self, noise_key: NoiseKey, t: int, label: int) -> NoiseKey:
-        """The noise key of the release of (iteration t, class label): one per release, never reused."""
-        return noise_key.fold_in(t, label)
-
-    def _split_private(self, images, labels, group_ids) -> _Private:
-        """Embeds the private data class by class (the class mask comes before any vote or noise)."""
-        embeddings, groups = [], []
-        for y in range(self.pe.num_classes):
-            mask = labels == y
-            if mask.any():
-                emb = self._embed(_validate.to_device(images[mask]), f"private images of class {y}")
-            else:  # this process of a multi-host run holds none of class y: (0, D), D from a public sample
-                probe = self.generator.render(self.generator.random(jax.random.key(0), y, 1))
-                emb = self._embed(probe, "a probe sample")[:0]
-            embeddings.append(emb)
-            groups.append(None if group_ids is None else np.asarray(group_ids)[mask])
-        return _Private(embeddings, groups, labels, group_ids)
-
-    def _stream_private(self, stream, labels, group_ids) -> _Private:
-        """Class y's votes read rows ``labels == y`` of the stream; nothing is embedded or loaded whole."""
-        rows = [np.flatnonzero(labels == y) for y in range(self.pe.num_classes)]
-        groups = [None if group_ids is None else np.asarray(group_ids)[r] for r in rows]
-        return _Private([_StreamRows(stream, r) for r in rows], groups, labels, group_ids)
-
-    def _lattice_votes(self, private_emb, groups, candidates_emb):
-        kw = dict(
-            k=self.pe.k,
-            metric=self.pe.metric,
-            group_ids=groups,
-            block_size=self.speed.block_size,
-            precision=self.speed.precision,
-            backend=self.speed.backend,
-        )
-        if isinstance(private_emb, _StreamRows):
-            from pejax.streaming import streamed_lattice_vote_histogram
-
-            return streamed_lattice_vote_histogram(
-                private_emb.source, candidates_emb, rows=private_emb.rows, **kw
+    def _private_votes(self, images, labels, group_ids, private_stream) -> engine.PrivateVotes:
+        """The step's private side: embeddings by class (the class mask comes before any vote or noise)."""
+        if private_stream is not None:
+            return engine.PrivateVotes.from_stream(
+                private_stream, labels, group_ids, pe=self.pe, speed=self.speed
             )
-        if self.mesh is None:
-            return lattice_vote_histogram(private_emb, candidates_emb, **kw)
-        from pejax.sharding import sharded_lattice_vote_histogram
+        return engine.PrivateVotes.embed(
+            images,
+            labels,
+            group_ids,
+            embedding=self.embedding,
+            generator=self.generator,
+            pe=self.pe,
+            speed=self.speed,
+            mesh=self.mesh,
+        )
 
-        del kw["backend"]  # "xla" (checked in __init__)
-        return sharded_lattice_vote_histogram(private_emb, candidates_emb, mesh=self.mesh, **kw)
-
-    def _noisy_votes(self, noise_key, t, y, private: _Private, candidates_emb, sigma) -> np.ndarray:
-        """The release of (t, y): lattice votes of class y's private samples plus discrete Gaussian noise."""
-        votes = self._lattice_votes(private.embeddings[y], private.groups[y], candidates_emb)
-        return release_lattice_votes(
-            self._release_key(noise_key, t, y), votes, noise_multiplier=sigma
+    def _step(self, state, votes, noise_key: NoiseKey, plan: _Plan):
+        """One iteration: :func:`pejax.engine.step` (the audit's planted bugs change this call)."""
+        return engine.step(
+            state,
+            votes,
+            noise_key=noise_key,
+            generator=self.generator,
+            embedding=self.embedding,
+            pe=self.pe,
+            noise_multiplier=plan.sigma,
         )
 
     def _global_counts(self, labels, group_ids) -> np.ndarray:
@@ -715,7 +621,7 @@ class PrivateEvolution:
             }
         # Each sample (user) adds 1 to one class count: a discrete Gaussian release on integers.
         noisy = add_discrete_gaussian_noise(
-            self._release_key(noise_key, 0, _COUNTS_LABEL), counts, sigma=sigma_counts
+            noise_key.fold_in(0, _COUNTS_LABEL), counts, sigma=sigma_counts
         )
         ledger.record(self._counts_release(sigma_counts))
         props = np.maximum(noisy, 1) / np.maximum(noisy, 1).sum()
@@ -799,15 +705,12 @@ class PrivateEvolution:
                 epsilon=self.privacy.epsilon,
                 accountant=self.privacy.accountant,
             )
-        if private_stream is None:
-            private = self._split_private(images, labels, group_ids)
-        else:
-            private = self._stream_private(private_stream, labels, group_ids)
+        votes = self._private_votes(images, labels, group_ids, private_stream)
         dp_release = not noise_key.reproducible and plan.sigma > 0
-        if progress.samples is None:
+        if progress.state is None:
             self._initialise(key, noise_key, counts, plan, progress, dp_release)
-        final = self._loop(key, noise_key, plan, progress, private, stop_after, dp_release)
-        return self._result(final, progress, plan, dp_release)
+        self._loop(votes, plan, progress, stop_after, dp_release)
+        return self._result(progress, plan, dp_release)
 
     def _check_inputs(self, private_images, private_labels, group_ids, private_stream=None):
         priv = self.privacy
@@ -856,9 +759,7 @@ class PrivateEvolution:
     def _resume_or_start(
         self, key, plan, fingerprint, resume, noise_key, images, labels, group_ids
     ):
-        progress = _Progress(
-            start=0, samples=None, ledger=None, sizes=None, history=[], resumed_from=None
-        )
+        progress = _Progress(start=0, state=None, ledger=None, history=[], resumed_from=None)
         found = None
         if resume and self.checkpoint_dir is not None:
             found = ckpt.latest_valid_checkpoint(self.checkpoint_dir)
@@ -888,10 +789,13 @@ class PrivateEvolution:
                 )
             progress.start = progress.resumed_from = int(meta["iteration"])
             progress.ledger = PrivacyLedger.from_json(meta["ledger"])
-            progress.sizes = tuple(meta["class_sizes"])
             progress.history = list(meta["history"])
-            progress.samples = self._restore_samples(arrays, key)
-            progress.final_labels = np.asarray(arrays["labels"])
+            progress.state = engine.PEState(
+                samples=self._restore_samples(arrays, key),
+                key=key,
+                iteration=progress.start,
+                class_sizes=tuple(int(s) for s in meta["class_sizes"]),
+            )
         else:
             if noise_key is None:
                 seed = self.privacy.noise_seed
@@ -907,7 +811,7 @@ class PrivateEvolution:
         return {
             "iteration": t,
             "ledger": progress.ledger.to_json(),
-            "class_sizes": [int(s) for s in progress.sizes],
+            "class_sizes": [int(s) for s in progress.state.class_sizes],
             "history": progress.history,
             "fingerprint": progress.fingerprint,
             "noise_multiplier": plan.sigma,
@@ -920,11 +824,7 @@ class PrivateEvolution:
     def _initialise(self, key, noise_key, counts, plan, progress, dp_release) -> None:
         t0 = time.perf_counter()
         sizes, stats = self._class_sizes(noise_key, counts, plan.sigma_counts, progress.ledger)
-        parts = [
-            self.generator.random(jax.random.fold_in(jax.random.fold_in(key, 0), y), y, sizes[y])
-            for y in range(self.pe.num_classes)
-        ]
-        progress.samples, progress.sizes = _tree_concat(parts), sizes
+        progress.state = state = engine.init(key, generator=self.generator, class_sizes=sizes)
         timings = {"generation": time.perf_counter() - t0}
         record = {
             "iteration": 0,
@@ -932,31 +832,22 @@ class PrivateEvolution:
             "stats": stats,
             "epsilon": progress.ledger.epsilons(),
         }
-        labels = self._labels(sizes)
+        labels = engine.labels(state, self.pe)
+        images = self.generator.render(state.samples)
         info = IterationInfo(
-            0,
-            self.generator.render(progress.samples),
-            labels,
-            record["epsilon"],
-            timings,
-            stats,
-            dp_release=dp_release,
+            0, images, labels, record["epsilon"], timings, stats, dp_release=dp_release
         )
         record["metrics"] = self._notify(info)
         progress.history.append(record)
-        self._save(0, progress.samples, labels, self._meta(0, progress, plan))
+        self._save(0, state.samples, labels, self._meta(0, progress, plan))
 
-    def _loop(self, key, noise_key, plan, progress, private, stop_after, dp_release):
-        """Iterations start+1..T (or up to ``stop_after``); returns the released samples, if T was reached."""
-        pe = self.pe
+    def _loop(self, votes, plan, progress, stop_after, dp_release) -> None:
+        """Iterations start+1..T (or up to ``stop_after``), each checkpointed."""
         bar = self._progress_bar(progress.start, dp_release)
-        final_samples = None
-        for t in range(progress.start + 1, pe.iterations + 1):
-            if stop_after is not None and t > stop_after:
-                break
-            step = self._iteration(
-                key, noise_key, t, progress.samples, progress.sizes, private, plan
-            )
+        last = self.pe.iterations if stop_after is None else min(stop_after, self.pe.iterations)
+        while progress.state.iteration < last:
+            state, step = self._step(progress.state, votes, progress.noise_key, plan)
+            t = state.iteration
             progress.ledger.record(self._vote_release(t, plan.sigma))
             record = {
                 "iteration": t,
@@ -964,35 +855,28 @@ class PrivateEvolution:
                 "stats": step.stats,
                 "epsilon": progress.ledger.epsilons(),
             }
-            final = step.final_samples is not None
-            out_samples = step.final_samples if final else step.samples
-            out_labels = (
-                self._final_labels(progress.sizes) if final else self._labels(progress.sizes)
-            )
+            labels = engine.labels(state, self.pe)
             info = IterationInfo(
                 t,
-                self.generator.render(out_samples),
-                out_labels,
+                self.generator.render(state.samples),
+                labels,
                 record["epsilon"],
                 step.timings,
                 step.stats,
-                final=final,
-                noisy_histograms=step.noisy,
+                final=step.final,
+                noisy_histograms=step.noisy_histograms,
                 candidates=step.candidates,
                 dp_release=dp_release,
             )
             record["metrics"] = self._notify(info)
             progress.history.append(record)
-            progress.samples = step.samples
-            if final:
-                final_samples, progress.final_labels = out_samples, out_labels
-            self._save(t, out_samples, out_labels, self._meta(t, progress, plan))
+            progress.state = state
+            self._save(t, state.samples, labels, self._meta(t, progress, plan))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(self._bar_postfix(record))
         if bar is not None:
             bar.close()
-        return final_samples
 
     def _progress_bar(self, start: int, dp_release: bool):
         if not self.progress:
@@ -1018,143 +902,21 @@ class PrivateEvolution:
             }
         return out
 
-    def _result(self, final_samples, progress, plan, dp_release) -> RunResult:
-        ledger = progress.ledger
-        done = (
-            len(ledger.releases) and max(r.iteration for r in ledger.releases) == self.pe.iterations
-        )
-        if final_samples is None and done and progress.start == self.pe.iterations:
-            # Resumed from the final checkpoint: its samples are already the released set.
-            final_samples, final_labels = progress.samples, progress.final_labels
-        elif final_samples is not None:
-            final_labels = progress.final_labels
-        else:
-            final_samples, final_labels = progress.samples, self._labels(progress.sizes)
+    def _result(self, progress, plan, dp_release) -> RunResult:
+        state = progress.state
         return RunResult(
-            samples=final_samples,
-            images=self.generator.render(final_samples),
-            labels=np.asarray(final_labels),
-            ledger=ledger,
+            samples=state.samples,
+            images=self.generator.render(state.samples),
+            labels=engine.labels(state, self.pe),
+            ledger=progress.ledger,
             noise_multiplier=plan.sigma,
-            class_sizes=tuple(progress.sizes),
+            class_sizes=state.class_sizes,
             history=progress.history,
             resumed_from=progress.resumed_from,
             dp_release=dp_release,
             neighboring_relation=plan.relation,
             delta_rule=plan.delta_rule,
         )
-
-    def _labels(self, sizes) -> np.ndarray:
-        return np.repeat(np.arange(self.pe.num_classes), sizes).astype(np.int32)
-
-    def _final_sizes(self, sizes) -> tuple[int, ...]:
-        f = self.pe.final_samples_per_class
-        return tuple(sizes) if f is None else (f,) * len(sizes)
-
-    def _final_labels(self, sizes) -> np.ndarray:
-        """Labels of the released set, classes in order: ``_final_sizes(sizes)[y]`` of class y."""
-        return self._labels(self._final_sizes(sizes))
-
-    # ---------------------------------------------------------------------------------- one iteration
-    def _iteration(self, key, noise_key, t, samples, sizes, private, plan) -> _Step:
-        pe = self.pe
-        timings = {"generation": 0.0, "embedding": 0.0, "votes": 0.0, "selection": 0.0}
-        stats: dict[str, Any] = {
-            "noise_multiplier": plan.sigma,
-            "degree": pe.degree(t),
-            "surviving_bins": [],
-            "uniform_fallback": [],
-            "max_votes": [],
-        }
-        last = t == pe.iterations
-        kt = jax.random.fold_in(key, t)
-        outputs, noisy_all, candidates = [], [], []
-        for y, cand in enumerate(_tree_slices(samples, sizes)):
-            out, noisy, fallback, phase = self._class_step(
-                kt, noise_key, t, y, cand, sizes, private, plan
-            )
-            outputs.append(out)
-            noisy_all.append(noisy)
-            candidates.append(cand)
-            stats["surviving_bins"].append(int((noisy > pe.threshold_sigmas * plan.sigma).sum()))
-            stats["max_votes"].append(float(noisy.max()))
-            stats["uniform_fallback"].append(fallback)
-            for name, seconds in phase.items():
-                timings[name] += seconds
-        timings["total"] = sum(timings.values())
-        merged = _tree_concat(outputs)
-        return _Step(
-            samples=samples if last else merged,
-            final_samples=merged if last else None,
-            stats=stats,
-            timings=timings,
-            noisy=tuple(noisy_all),
-            candidates=tuple(candidates),
-        )
-
-    def _class_step(self, kt, noise_key, t, y, cand, sizes, private, plan):
-        """Votes, noise, selection and variation of class y at iteration t (timed by phase)."""
-        pe = self.pe
-        last = t == pe.iterations
-        k_look, k_sel, k_var = jax.random.split(jax.random.fold_in(kt, y), 3)
-        t0 = time.perf_counter()
-        emb = self._embed_candidates(k_look, cand, y, pe.degree(t))
-        emb.block_until_ready()
-        t1 = time.perf_counter()
-        noisy = self._noisy_votes(noise_key, t, y, private, emb, plan.sigma)
-        kept = threshold(noisy, threshold=pe.threshold_sigmas * plan.sigma)
-        t2 = time.perf_counter()
-        n_parents = sizes[y] if last else max(1, sizes[y] // pe.variation_folds)
-        if last and pe.output == "parents":
-            n_parents = self._final_sizes(sizes)[y]
-        mode = (
-            "sample" if pe.selection_mode == "rank" and n_parents > sizes[y] else pe.selection_mode
-        )
-        sel = select_parents(k_sel, kept, num_samples=n_parents, mode=mode)
-        parents = _tree_take(cand, sel.indices)
-        t3 = time.perf_counter()
-        out = self._offspring(k_var, t, y, parents, sel.indices, sizes, n_parents)
-        t4 = time.perf_counter()
-        phase = {
-            "embedding": t1 - t0,
-            "votes": t2 - t1,
-            "selection": t3 - t2,
-            "generation": t4 - t3,
-        }
-        return out, noisy, bool(sel.uniform_fallback), phase
-
-    def _offspring(self, k_var, t, y, parents, indices, sizes, n_parents):
-        """The next candidates of class y (or, at t = T, its released samples) from its selected parents."""
-        pe = self.pe
-        if t == pe.iterations:
-            if pe.output == "parents":
-                return self._final_from_parents(k_var, parents, indices, y)
-            slots = np.arange(self._final_sizes(sizes)[y]) % n_parents
-            return self.generator.variation(k_var, _tree_take(parents, slots), y, pe.final_degree)
-        slots = np.arange(sizes[y]) % n_parents
-        children = self.generator.variation(k_var, _tree_take(parents, slots), y, pe.degree(t))
-        if not pe.keep_selected:
-            return children
-        keep = min(n_parents, sizes[y])
-        return _tree_concat(
-            [_tree_take(parents, np.arange(keep)), _tree_take(children, np.arange(keep, sizes[y]))]
-        )
-
-    def _final_from_parents(self, key, parents, indices, label):
-        """Released set from the last selection: the first copy of each parent as it is, repeats varied."""
-        idx = np.asarray(indices)
-        first = np.zeros(idx.shape[0], bool)
-        first[np.unique(idx, return_index=True)[1]] = True
-        if first.all() or self.pe.final_degree == 0:
-            return parents
-        varied = self.generator.variation(key, parents, label, self.pe.final_degree)
-        mask = jnp.asarray(first)
-
-        def pick(a, b):
-            m = mask.reshape((-1,) + (1,) * (jnp.ndim(a) - 1))
-            return jnp.where(m, a, b)
-
-        return jax.tree_util.tree_map(pick, parents, varied)
 
 
 def _check_public_key(key) -> None:
@@ -1168,24 +930,13 @@ def _check_public_key(key) -> None:
 
 @dataclasses.dataclass
 class _Progress:
-    """Mutable driver state of one run (what a checkpoint restores)."""
+    """Mutable driver state of one run: the engine's state plus what a checkpoint restores around it."""
 
     start: int
-    samples: Any
+    state: engine.PEState | None
     ledger: PrivacyLedger | None
-    sizes: tuple[int, ...] | None
     history: list[dict]
     resumed_from: int | None
-    final_labels: np.ndarray | None = None
     noise_key: NoiseKey | None = None
     fingerprint: str = ""
     data_digest: str = ""
-
-
-class _Step(NamedTuple):
-    samples: Any
-    final_samples: Any
-    stats: dict[str, Any]
-    timings: dict[str, float]
-    noisy: tuple[np.ndarray, ...]
-    candidates: tuple[Any, ...]

@@ -140,7 +140,7 @@ def dense_group_ids(group_ids, num_samples: int) -> jax.Array:
             "np.unique(names, return_inverse=True)[1]."
         )
     _, dense = np.unique(ids, return_inverse=True)
-    return jnp.asarray(dense.astype(np.int32))
+    return _validate.to_device(dense.astype(np.int32))
 
 
 def vote_histogram(
@@ -300,11 +300,19 @@ def lattice_vote_histogram(
     key_block_size: int | None = None,
     precision: str = "highest",
     backend: str = "xla",
+    num_private: int | None = None,
+    num_synthetic: int | None = None,
 ) -> LatticeVotes:
     """:func:`vote_histogram` on its integer lattice, for the discrete Gaussian mechanism.
 
     Same arguments and validation as :func:`vote_histogram`. ``counts * scale`` equals its histogram (at user
     level, up to the snapping to the 2^-16 grid, which only shrinks each user's vector).
+
+    ``num_private`` and ``num_synthetic`` (default: every row) say how many leading rows of ``private`` and
+    ``synthetic`` are data; the rows after them are padding: padded private rows cast no vote, padded synthetic
+    rows receive none, and the result has ``num_synthetic`` bins (``group_ids``, if given, has ``num_private``
+    entries). Padding sets of varying sizes to a few shared sizes lets one compiled program serve them all
+    (the PE engine pads every class to 4 sizes per octave); it changes no vote.
 
     Example:
       >>> import jax.numpy as jnp
@@ -313,35 +321,126 @@ def lattice_vote_histogram(
       ([2, 1], 1.0)
     """
     private, synthetic = _nn.check_pair(
-        private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
+        private, synthetic, k=1, metric=metric, queries_name="private", keys_name="synthetic"
     )
-    groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
-    m = synthetic.shape[0]
+    n = _valid_rows("num_private", num_private, private.shape[0], "private")
+    m = _valid_rows("num_synthetic", num_synthetic, synthetic.shape[0], "synthetic")
+    _validate.positive_int("k", k)
+    if k > m:
+        raise ValueError(
+            f"k={k} exceeds the number of synthetic samples ({m}); each private sample needs k distinct "
+            f"neighbours. Use k <= {m} or more synthetic samples."
+        )
+    groups = None if group_ids is None else np.asarray(dense_group_ids(group_ids, n))
     _validate.one_of("precision", precision, _nn.PRECISIONS)
-    if _nn.check_backend(backend, precision, private, synthetic) != "xla":
-        indices = _nn.host_knn(private, synthetic, k, metric, block_size, key_block_size, backend)[
-            1
-        ]
+    if _nn.check_backend(backend, precision, private, synthetic) != "xla" or (
+        precision == _nn.BFLOAT16
+    ):
+        # Host searches and the bfloat16 re-check work on the data rows alone.
+        private, synthetic = _leading_rows(private, n), _leading_rows(synthetic, m)
+        if backend != "xla":
+            indices = _nn.host_knn(
+                private, synthetic, k, metric, block_size, key_block_size, backend
+            )[1]
+        else:
+            indices = _nn._knn_bfloat16(
+                private,
+                synthetic,
+                k=k,
+                metric=metric,
+                block_size=block_size,
+                key_block_size=key_block_size,
+                extra_candidates=_nn.DEFAULT_EXTRA_CANDIDATES,
+            )[0].indices
         if groups is None:
-            return sample_lattice(np.bincount(indices.reshape(-1), minlength=m), k=k)
-        return user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
-    indices = _nn.nearest_neighbors(
+            return sample_lattice(np.bincount(np.asarray(indices).reshape(-1), minlength=m), k=k)
+        return user_lattice(np.asarray(indices), groups, num_bins=m, k=k)
+    plan = _nn.block_plan(
+        private.shape[0],
+        synthetic.shape[0],
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    )
+    counts, indices = _masked_votes(
+        private,
+        synthetic,
+        np.int32(n),
+        np.int32(m),
+        k=k,
+        metric=metric,
+        with_indices=groups is not None,
+        **plan,
+    )
+    if groups is None:
+        return sample_lattice(np.asarray(counts)[:m], k=k)
+    return user_lattice(np.asarray(indices)[:n], groups, num_bins=m, k=k)
+
+
+def _valid_rows(name: str, value, rows: int, what: str) -> int:
+    if value is None:
+        return rows
+    value = _validate.positive_int(name, value)
+    if value > rows:
+        raise ValueError(
+            f"{name}={value} exceeds the {rows} rows of {what}; it counts the leading rows that are data "
+            "(the rest is padding)."
+        )
+    return value
+
+
+def _leading_rows(x: jax.Array, n: int) -> jax.Array:
+    if x.shape[0] == n:
+        return x
+    if _validate.on_host(x):  # NumPy slicing: no program compiled per size
+        return jax.device_put(np.asarray(x)[:n])
+    return x[:n]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "k",
+        "metric",
+        "with_indices",
+        "query_block",
+        "key_block",
+        "num_query_blocks",
+        "precision",
+    ),
+)
+def _masked_votes(
+    private,
+    synthetic,
+    num_private,
+    num_synthetic,
+    *,
+    k,
+    metric,
+    with_indices,
+    query_block,
+    key_block,
+    num_query_blocks,
+    precision,
+):
+    """Integer vote counts (m_pad,) of the first ``num_private`` rows over the first ``num_synthetic`` keys
+    (and the (n_pad, k) neighbour indices when ``with_indices``): one program for every padded size pair."""
+    _, indices = _nn._knn_scores(
         private,
         synthetic,
         k=k,
         metric=metric,
-        block_size=block_size,
-        key_block_size=key_block_size,
+        query_block=query_block,
+        key_block=key_block,
+        num_query_blocks=num_query_blocks,
         precision=precision,
-    ).indices
-    if groups is None:
-        return sample_lattice(_counts(indices, m=m), k=k)
-    return user_lattice(np.asarray(indices), np.asarray(groups), num_bins=m, k=k)
-
-
-@functools.partial(jax.jit, static_argnames=("m",))
-def _counts(indices, *, m):
-    return jnp.zeros((m,), jnp.int32).at[indices.reshape(-1)].add(1)
+        num_keys=num_synthetic,
+    )
+    m = synthetic.shape[0]
+    voting = (jnp.arange(private.shape[0]) < num_private)[:, None]
+    bins = jnp.where(voting, indices, m)  # padded rows vote for bin m: dropped
+    counts = jnp.zeros((m,), jnp.int32).at[bins.reshape(-1)].add(1, mode="drop")
+    return counts, (indices if with_indices else None)
 
 
 __all__ = [

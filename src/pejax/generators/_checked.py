@@ -51,6 +51,8 @@ class CheckedGenerator:
         self.backoff_s = backoff_s
         self.image_shape: tuple[int, int, int] | None = None
         self.modality = str(getattr(generator, "modality", "image"))
+        # JAX generators compile per batch size; the engine then calls them at shared padded sizes.
+        self.batch_buckets = bool(getattr(generator, "batch_buckets", False))
         if self.modality not in ("image", "text"):
             raise ValueError(
                 f"generator {self.name!r} has modality {self.modality!r}; pejax knows 'image' and 'text'."

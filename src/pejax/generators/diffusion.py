@@ -433,6 +433,7 @@ class FlaxDiffusionGenerator:
     """
 
     modality = "image"
+    batch_buckets = True  # compiles per batch size: the PE engine calls it at shared padded sizes
 
     def __init__(
         self,

@@ -510,6 +510,8 @@ class GlyphSimulator:
       (3, 16, 16, 1)
     """
 
+    batch_buckets = True  # compiles per batch size: the PE engine calls it at shared padded sizes
+
     texts: tuple[str, ...] = tuple("0123456789")
     image_size: int = 32
     fonts: tuple[str, ...] | None = dataclasses.field(default=None, repr=False)
