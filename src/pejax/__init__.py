@@ -5,12 +5,14 @@ The public surface is the names in ``__all__``; modules whose names start with a
 """
 
 from pejax import accounting
+from pejax import engine
 from pejax.accounting import BudgetExceededError
 from pejax.accounting import PrivacyLedger
 from pejax.accounting import Release
 from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
+from pejax.engine import PEState
 from pejax.mechanism import AllZeroHistogramWarning
 from pejax.mechanism import PejaxWarning
 from pejax.mechanism import Selection
@@ -43,6 +45,7 @@ __all__ = [
     "Neighbors",
     "NoiseKey",
     "PEConfig",
+    "PEState",
     "PejaxWarning",
     "PrivacyConfig",
     "PrivacyLedger",
@@ -52,6 +55,7 @@ __all__ = [
     "Selection",
     "SpeedConfig",
     "accounting",
+    "engine",
     "add_discrete_gaussian_noise",
     "add_gaussian_noise",
     "histogram_sensitivity",
