@@ -8,6 +8,8 @@ from _reference import group_histogram
 from _reference import knn
 
 import pejax
+from pejax import votes
+from pejax.votes import vote_histogram
 
 
 def _data(n, m, d, seed=0):
@@ -141,3 +143,51 @@ def test_user_lattice_is_snapped_towards_zero_with_norm_at_most_one(k):
     assert votes.unit_changes is None and votes.l2_sensitivity == unit
     ref = group_histogram(idx, groups, 40, k)
     assert np.abs(votes.counts * votes.scale - ref).max() <= 37 * k / unit
+
+
+def test_one_entry_point_for_every_private_source(tmp_path):
+    """An array, a .npy path, a memory map (in chunks) and a mesh all give the same votes, sample and user level."""
+    rng = np.random.default_rng(11)
+    private = rng.normal(size=(53, 6)).astype(np.float32)
+    synthetic = rng.normal(size=(17, 6)).astype(np.float32)
+    path = tmp_path / "private.npy"
+    np.save(path, private)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sources = {
+        "memory": dict(private=private),
+        "path": dict(private=str(path)),
+        "memmap": dict(private=np.load(path, mmap_mode="r"), chunk_rows=7),
+        "mesh": dict(private=private, mesh=mesh),
+    }
+    assert [votes.private_source(s["private"], s.get("mesh")) for s in sources.values()] == [
+        "memory",
+        "stream",
+        "stream",
+        "mesh",
+    ]
+    groups = np.arange(53) // 4
+    for group_ids in (None, groups):
+        hists = {
+            name: np.asarray(vote_histogram(synthetic=synthetic, k=2, group_ids=group_ids, **kw))
+            for name, kw in sources.items()
+        }
+        lattices = {
+            name: votes.lattice_vote_histogram(synthetic=synthetic, k=2, group_ids=group_ids, **kw)
+            for name, kw in sources.items()
+        }
+        for name in sources:
+            np.testing.assert_allclose(hists[name], hists["memory"], rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(lattices[name].counts, lattices["memory"].counts)
+    ref = np.bincount(knn(private, synthetic, 2, "l2")[1].ravel(), minlength=17)
+    np.testing.assert_array_equal(
+        votes.lattice_vote_histogram(str(path), synthetic, k=2).counts, ref
+    )
+
+
+def test_source_specific_options_are_refused_elsewhere(tmp_path):
+    x = np.zeros((4, 2), np.float32)
+    np.save(tmp_path / "p.npy", x)
+    with pytest.raises(ValueError, match="chunk_rows=3 applies to streamed private data"):
+        vote_histogram(x, x, chunk_rows=3)
+    with pytest.raises(ValueError, match="in-memory private arrays only"):
+        votes.lattice_vote_histogram(str(tmp_path / "p.npy"), x, num_private=2)

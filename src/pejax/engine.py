@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
+from pejax._compile import QUICK_COMPILE
 from pejax.config import PEConfig
 from pejax.config import SpeedConfig
 from pejax.generators._checked import CheckedGenerator
@@ -197,13 +198,14 @@ def embed_candidates(
     generator = checked(generator)
     m = num_rows(samples)
     if lookahead == 0:
-        return embed(embedding, generator.render(samples), f"candidates of class {label}", rows)
+        images = render(generator, samples, rows)
+        return embed(embedding, images, f"candidates of class {label}", rows)
     width = rows if batch_buckets(generator) else m  # a JAX generator runs the padded rows too
     tiled = tree_take(samples, np.tile(np.minimum(np.arange(width), m - 1), lookahead))
-    varied = generator.variation(key, tiled, label, degree)
+    varied = vary(key, tiled, label, degree, rows, generator=generator)
     emb = embed(
         embedding,
-        generator.render(varied),
+        render(generator, varied, rows),
         f"lookahead candidates of class {label}",
         lookahead * rows,
     )
@@ -225,20 +227,51 @@ def batch_buckets(generator) -> bool:
     return bool(getattr(generator, "batch_buckets", False))
 
 
+def _chunked(call: Callable, n: int, rows: int, generator, key=None, tree=None):
+    """``call(key_i, rows_i)`` over chunks of ``rows`` rows (the last padded), concatenated and trimmed to n.
+
+    For a batching generator every call then has the one shape ``rows``; chunk i > 0 of a multi-chunk call gets
+    ``fold_in(key, i)`` (one chunk keeps ``key``). Other generators get one call of exactly n rows."""
+    if not batch_buckets(generator) or rows <= 0:
+        return call(key, tree)
+    chunks = -(-n // rows)
+    padded = None if tree is None else tree_take(tree, np.minimum(np.arange(chunks * rows), n - 1))
+    parts = [
+        call(
+            key if chunks == 1 or key is None else jax.random.fold_in(key, i),
+            None if padded is None else tree_take(padded, np.arange(i * rows, (i + 1) * rows)),
+        )
+        for i in range(chunks)
+    ]
+    out = parts[0] if chunks == 1 else tree_concat(parts)
+    return out if chunks * rows == n else tree_take(out, np.arange(n))
+
+
 def vary(key, parents, label: int, degree: float, rows: int, *, generator):
-    """``generator.variation`` of ``parents`` (n rows); a batching generator runs ``rows`` (trimmed to n)."""
-    n = num_rows(parents)
-    if not batch_buckets(generator) or rows <= n:
-        return generator.variation(key, parents, label, degree)
-    padded = tree_take(parents, np.minimum(np.arange(rows), n - 1))
-    return tree_take(generator.variation(key, padded, label, degree), np.arange(n))
+    """``generator.variation`` of ``parents`` (n rows); a batching generator runs chunks of ``rows``."""
+    return _chunked(
+        lambda k, p: generator.variation(k, p, label, degree),
+        num_rows(parents),
+        rows,
+        generator,
+        key,
+        parents,
+    )
 
 
 def random(key, label: int, n: int, rows: int, *, generator):
-    """``generator.random`` of n samples; a batching generator makes ``rows`` (trimmed to n)."""
-    if not batch_buckets(generator) or rows <= n:
+    """``generator.random`` of n samples; a batching generator makes chunks of ``rows``."""
+    if not batch_buckets(generator) or rows <= 0:
         return generator.random(key, label, n)
-    return tree_take(generator.random(key, label, rows), np.arange(n))
+    return _chunked(lambda k, _: generator.random(k, label, rows), n, rows, generator, key)
+
+
+def render(generator, samples, rows: int = 0):
+    """What the embedding sees of ``samples`` (checked images, or text bytes); a batching generator renders
+    chunks of ``rows`` (default: one call)."""
+    return _chunked(
+        lambda _, s: generator.render(s), num_rows(samples), rows, generator, tree=samples
+    )
 
 
 # ------------------------------------------------------------------------------------------- private side
@@ -541,7 +574,7 @@ def select_parents_bucketed(
     return host(idx)[:num_samples], bool(all_zero)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "mode"))
+@functools.partial(jax.jit, static_argnames=("num_samples", "mode"), compiler_options=QUICK_COMPILE)
 def _select(key, histogram, num_bins, *, num_samples, mode):
     real = jnp.arange(histogram.shape[0]) < num_bins
     h = jnp.where(real, jnp.maximum(histogram, 0.0), 0.0)
@@ -558,9 +591,11 @@ def offspring(key, t, y, parents, indices, *, generator, pe, m, n_parents, rows)
     """Class y's next candidates (or, at t = T, its released samples) from its selected parents."""
     if t == pe.iterations:
         if pe.output == "parents":
-            return _final_from_parents(key, parents, indices, y, generator=generator, pe=pe)
+            return _final_from_parents(
+                key, parents, indices, y, generator=generator, pe=pe, rows=rows
+            )
         slots = np.arange(final_sizes(pe, (m,))[0]) % n_parents
-        return vary(key, tree_take(parents, slots), y, pe.final_degree, 0, generator=generator)
+        return vary(key, tree_take(parents, slots), y, pe.final_degree, rows, generator=generator)
     slots = np.arange(m) % n_parents
     children = vary(key, tree_take(parents, slots), y, pe.degree(t), rows, generator=generator)
     if not pe.keep_selected:
@@ -571,14 +606,14 @@ def offspring(key, t, y, parents, indices, *, generator, pe, m, n_parents, rows)
     )
 
 
-def _final_from_parents(key, parents, indices, label, *, generator, pe):
+def _final_from_parents(key, parents, indices, label, *, generator, pe, rows):
     """Released set from the last selection: the first copy of each parent as it is, repeats varied."""
     idx = np.asarray(indices)
     first = np.zeros(idx.shape[0], bool)
     first[np.unique(idx, return_index=True)[1]] = True
     if first.all() or pe.final_degree == 0:
         return parents
-    varied = generator.variation(key, parents, label, pe.final_degree)
+    varied = vary(key, parents, label, pe.final_degree, rows, generator=generator)
 
     def pick(a, b):
         mask = first.reshape((-1,) + (1,) * (np.ndim(a) - 1))
@@ -598,5 +633,8 @@ __all__ = [
     "final_sizes",
     "init",
     "labels",
+    "random",
+    "render",
     "step",
+    "vary",
 ]

@@ -833,7 +833,9 @@ class PrivateEvolution:
             "epsilon": progress.ledger.epsilons(),
         }
         labels = engine.labels(state, self.pe)
-        images = self.generator.render(state.samples)
+        images = engine.render(
+            self.generator, state.samples, engine.bucket_size(max(state.class_sizes))
+        )
         info = IterationInfo(
             0, images, labels, record["epsilon"], timings, stats, dp_release=dp_release
         )
@@ -858,7 +860,9 @@ class PrivateEvolution:
             labels = engine.labels(state, self.pe)
             info = IterationInfo(
                 t,
-                self.generator.render(state.samples),
+                engine.render(
+                    self.generator, state.samples, engine.bucket_size(max(state.class_sizes))
+                ),
                 labels,
                 record["epsilon"],
                 step.timings,
@@ -906,7 +910,9 @@ class PrivateEvolution:
         state = progress.state
         return RunResult(
             samples=state.samples,
-            images=self.generator.render(state.samples),
+            images=engine.render(
+                self.generator, state.samples, engine.bucket_size(max(state.class_sizes))
+            ),
             labels=engine.labels(state, self.pe),
             ledger=progress.ledger,
             noise_multiplier=plan.sigma,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -154,8 +155,16 @@ def vote_histogram(
     key_block_size: int | None = None,
     precision: str = "highest",
     backend: str = "xla",
+    mesh=None,
+    chunk_rows: int | None = None,
 ) -> jax.Array:
     """Nearest-neighbour vote histogram of private embeddings over synthetic embeddings.
+
+    The one vote entry point for every kind of private source (see :func:`private_source`): an in-memory
+    array; an array sharded over a device mesh (or any array with ``mesh=``), voted shard by shard with the
+    histograms summed over devices and hosts (:func:`pejax.sharding.sharded_vote_histogram`); or a ``.npy`` path or
+    ``np.memmap``, streamed in chunks of ``chunk_rows`` rows so it is never loaded whole
+    (:func:`pejax.streaming.streamed_vote_histogram`). Every source gives the same histogram.
 
     Args:
       private: (n, d) float private embeddings (finite).
@@ -183,6 +192,17 @@ def vote_histogram(
       >>> vote_histogram(private, synthetic).tolist()
       [2.0, 1.0]
     """
+    kw = dict(
+        k=k,
+        metric=metric,
+        group_ids=group_ids,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    )
+    routed = _route(private, synthetic, mesh, chunk_rows, backend, kw, lattice=False)
+    if routed is not None:
+        return routed
     private, synthetic = _nn.check_pair(
         private, synthetic, k=k, metric=metric, queries_name="private", keys_name="synthetic"
     )
@@ -302,10 +322,12 @@ def lattice_vote_histogram(
     backend: str = "xla",
     num_private: int | None = None,
     num_synthetic: int | None = None,
+    mesh=None,
+    chunk_rows: int | None = None,
 ) -> LatticeVotes:
     """:func:`vote_histogram` on its integer lattice, for the discrete Gaussian mechanism.
 
-    Same arguments and validation as :func:`vote_histogram`. ``counts * scale`` equals its histogram (at user
+    Same arguments, private sources and validation as :func:`vote_histogram`. ``counts * scale`` equals its histogram (at user
     level, up to the snapping to the 2^-16 grid, which only shrinks each user's vector).
 
     ``num_private`` and ``num_synthetic`` (default: every row) say how many leading rows of ``private`` and
@@ -320,6 +342,23 @@ def lattice_vote_histogram(
       >>> v.counts.tolist(), v.scale
       ([2, 1], 1.0)
     """
+    kw = dict(
+        k=k,
+        metric=metric,
+        group_ids=group_ids,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        precision=precision,
+    )
+    if num_private is None and num_synthetic is None:
+        routed = _route(private, synthetic, mesh, chunk_rows, backend, kw, lattice=True)
+        if routed is not None:
+            return routed
+    elif private_source(private, mesh) != "memory":
+        raise ValueError(
+            "num_private/num_synthetic (padding) apply to in-memory private arrays only; pass the data rows "
+            "of a streamed or sharded source without padding."
+        )
     private, synthetic = _nn.check_pair(
         private, synthetic, k=1, metric=metric, queries_name="private", keys_name="synthetic"
     )
@@ -375,6 +414,50 @@ def lattice_vote_histogram(
     if groups is None:
         return sample_lattice(np.asarray(counts)[:m], k=k)
     return user_lattice(np.asarray(indices)[:n], groups, num_bins=m, k=k)
+
+
+PRIVATE_SOURCES = ("memory", "mesh", "stream")
+"""Kinds of private side the vote entry points take (see :func:`private_source`)."""
+
+
+def private_source(private, mesh=None) -> str:
+    """The kind of private side: ``"stream"`` for a ``.npy`` path or ``np.memmap`` (read in chunks), ``"mesh"``
+    when a mesh is given or ``private`` is a JAX array sharded over several devices, else ``"memory"``."""
+    if isinstance(private, str | os.PathLike | np.memmap):
+        return "stream"
+    if mesh is not None:
+        return "mesh"
+    sharding = getattr(private, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+        return "mesh"
+    return "memory"
+
+
+def _route(private, synthetic, mesh, chunk_rows, backend, kw, *, lattice: bool):
+    """The votes of a streamed or sharded private side (``None`` for an in-memory array)."""
+    source = private_source(private, mesh)
+    if chunk_rows is not None and source != "stream":
+        raise ValueError(
+            f"chunk_rows={chunk_rows!r} applies to streamed private data (a .npy path or np.memmap); the "
+            f"private side here is {source!r}. Drop chunk_rows."
+        )
+    if source == "stream":
+        from pejax.streaming import streamed_vote_histogram
+
+        if chunk_rows is not None:
+            kw = dict(kw, chunk_rows=chunk_rows)
+        return streamed_vote_histogram(private, synthetic, backend=backend, _lattice=lattice, **kw)
+    if source == "mesh":
+        from pejax.sharding import sharded_vote_histogram
+
+        if backend != "xla":
+            raise ValueError(
+                f"backend={backend!r} searches on the host CPU and cannot vote over a device mesh; use "
+                "backend='xla' with a sharded private side."
+            )
+        mesh = private.sharding.mesh if mesh is None else mesh
+        return sharded_vote_histogram(private, synthetic, mesh=mesh, _lattice=lattice, **kw)
+    return None
 
 
 def _valid_rows(name: str, value, rows: int, what: str) -> int:
@@ -446,8 +529,10 @@ def _masked_votes(
 __all__ = [
     "HISTOGRAM_SENSITIVITY",
     "NEIGHBORING_RELATIONS",
+    "PRIVATE_SOURCES",
     "LatticeVotes",
     "histogram_sensitivity",
     "lattice_vote_histogram",
+    "private_source",
     "vote_histogram",
 ]
