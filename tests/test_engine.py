@@ -57,9 +57,7 @@ def test_run_is_a_driver_over_the_step():
 
     gen = ToyGenerator()
     sizes = pejax.runner.allocate(PE.samples_per_iteration, PROPORTIONS, PE.min_samples_per_class)
-    votes = engine.PrivateVotes.embed(
-        x, y, None, embedding=flat, generator=engine.checked(gen), pe=PE, speed=speed
-    )
+    votes = engine.PrivateVotes.embed(x, y, None, embedding=flat, generator=gen, pe=PE, speed=speed)
     state = engine.init(jax.random.key(7), generator=gen, class_sizes=sizes)
     histograms = []
     for _ in range(PE.iterations):

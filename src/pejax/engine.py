@@ -303,6 +303,7 @@ class PrivateVotes:
     @classmethod
     def embed(cls, images, labels, group_ids, *, embedding, generator, pe, speed, mesh=None):
         """Embeds private ``images`` (n, ...) class by class (the class mask comes before any vote)."""
+        generator = checked(generator)
         embeddings, rows, groups = [], [], []
         padded = bucket_size(int(np.bincount(labels, minlength=pe.num_classes).max()))
         for y in range(pe.num_classes):
