@@ -12,8 +12,7 @@ from local folders only (``from_pretrained(path)``); nothing is downloaded.
   (``CLIPModel`` or ``CLIPVisionModel`` checkpoints: the projected image embedding, the features of FD-CLIP) or
   DINOv2 (``AutoModel``: the pooled CLS feature, the features of FD-DINOv2). Inputs are resized, centre-cropped
   and normalised in torch as the folder's ``preprocessor_config.json`` says, in batches. Inception-v3, the
-  network of the classic FID, is not a transformers model (it lives in timm / torchvision); use CLIP or DINOv2
-  features for Frechet distances here, and say which in reports.
+  network of the classic FID, is not a transformers model: :mod:`pejax.inception` loads it from its weights file.
 """
 
 from __future__ import annotations

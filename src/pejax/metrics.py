@@ -47,13 +47,25 @@ def _check_embeddings(name: str, x: Any) -> np.ndarray:
 
 @jax.jit
 def _frechet(x: jax.Array, y: jax.Array) -> jax.Array:
-    def stats(z):
-        mu = z.mean(axis=0)
-        zc = z - mu
-        return mu, zc.T @ zc / (z.shape[0] - 1)
+    n1, d = x.shape
+    n2 = y.shape[0]
+    mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
+    diff = mu1 - mu2
+    if n1 * n2 <= d * d:
+        # Few samples: with S1 = A^T A and S2 = B^T B (A, B the centred rows over sqrt(n - 1)), the non-zero
+        # eigenvalues of S1 S2 are those of (B A^T)^T (B A^T), so tr sqrt(S1 S2) is the sum of the singular
+        # values of the (n2, n1) matrix B A^T: no (d, d) matrix is formed.
+        a = (x - mu1) / jnp.sqrt(n1 - 1.0)
+        b = (y - mu2) / jnp.sqrt(n2 - 1.0)
+        tr_covmean = jnp.sum(jnp.linalg.svd(b @ a.T, compute_uv=False))
+        fd = diff @ diff + jnp.sum(a * a) + jnp.sum(b * b) - 2.0 * tr_covmean
+        return jnp.maximum(fd, 0.0)
 
-    mu1, s1 = stats(x)
-    mu2, s2 = stats(y)
+    def cov(z, mu):
+        zc = z - mu
+        return zc.T @ zc / (z.shape[0] - 1)
+
+    s1, s2 = cov(x, mu1), cov(y, mu2)
     # sqrt(S1) by symmetric eigendecomposition; round-off negative eigenvalues are clipped at 0.
     w1, v1 = jnp.linalg.eigh(s1)
     sqrt_s1 = (v1 * jnp.sqrt(jnp.clip(w1, 0.0))) @ v1.T
@@ -61,7 +73,6 @@ def _frechet(x: jax.Array, y: jax.Array) -> jax.Array:
     m = sqrt_s1 @ s2 @ sqrt_s1
     m = (m + m.T) / 2
     tr_covmean = jnp.sum(jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh(m), 0.0)))
-    diff = mu1 - mu2
     fd = diff @ diff + jnp.trace(s1) + jnp.trace(s2) - 2.0 * tr_covmean
     return jnp.maximum(fd, 0.0)
 
@@ -77,10 +88,14 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> float:
     to this call and restored on exit, so the global ``jax_enable_x64`` flag is unchanged); inputs
     of any real dtype are converted to float64 first. ``tr sqrt(S_x S_y)`` is computed as
     ``sum(sqrt(eigvalsh(sqrt(S_x) S_y sqrt(S_x))))``, with ``sqrt(S_x)`` from a symmetric
-    eigendecomposition and negative round-off eigenvalues clipped at 0. This stays real and well
-    defined for singular covariances (fewer samples than dimensions), where
-    ``scipy.linalg.sqrtm`` may return complex values. The result is clipped at 0.
-    Cost: O((N1 + N2) D^2 + D^3) time, O(D^2) memory.
+    eigendecomposition and negative round-off eigenvalues clipped at 0. When ``N1 * N2 <= D^2``
+    (few samples, e.g. 2048-d Inception features of a small set) it is computed instead as the sum
+    of the singular values of the (N2, N1) matrix ``Yc Xc^T / sqrt((N1 - 1)(N2 - 1))`` of centred
+    rows, which has the same value and forms no (D, D) matrix. Both stay real and well defined for
+    singular covariances (fewer samples than dimensions), where ``scipy.linalg.sqrtm`` may return
+    complex values. The result is clipped at 0.
+    Cost: O((N1 + N2) D^2 + D^3) time and O(D^2) memory, or O(N1 N2 (D + min(N1, N2))) time and
+    O(N1 N2) memory on the few-samples path.
 
     Args:
       x: (N1, D) real array, N1 >= 2, finite.

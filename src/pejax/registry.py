@@ -437,7 +437,8 @@ SECTION_KEYS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         (
             "embedding",
             None,
-            "table like [embedding] for the Frechet distance; default [embedding] for text, resize for images",
+            "table like [embedding] for the Frechet distance (e.g. name = 'inception' with path: FID); "
+            "default [embedding] for text, resize for images",
         ),
     ),
 }

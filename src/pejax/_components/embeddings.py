@@ -82,6 +82,31 @@ def _vision(opts, ctx):
 
 @register(
     "embedding",
+    "inception",
+    doc="Inception-v3 pool3 features (2048-d, the features of FID) from a local weights file",
+    extra="inception",
+    modality="image",
+    options=(
+        Option(
+            "path",
+            REQUIRED,
+            "weights file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID) or a torchvision "
+            "inception_v3 state dict",
+        ),
+        Option("batch_size", 50, "images per forward pass (speed only)"),
+        Option("device", "auto", "torch device, or 'auto' (CUDA when torch sees one)"),
+    ),
+)
+def _inception(opts, ctx):
+    from pejax.inception import InceptionEmbedding
+
+    opts = torch_placement(opts, "inception")
+    fn = InceptionEmbedding(check_path("embedding.path", opts.pop("path")), **opts)
+    return fn, fn.__name__
+
+
+@register(
+    "embedding",
     "sentence",
     doc="a sentence-transformers model (default the bundled all-MiniLM-L6-v2) on text samples",
     extra="text",
