@@ -194,6 +194,10 @@ class InceptionEmbedding:
       ImportError: torch is missing (``pip install 'pejax[inception]'``).
     """
 
+    batch_buckets = (
+        False  # a torch model: no compilation per batch size, so the PE engine does not pad
+    )
+
     def __init__(self, path: str | os.PathLike, *, batch_size: int = 50, device: Any = "cpu"):
         torch = tb.require("torch", _EXTRA)
         self.batch_size = _positive("batch_size", batch_size)
