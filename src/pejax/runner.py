@@ -52,8 +52,9 @@ from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
 from pejax.config import to_dict
+from pejax.errors import CheckpointMismatchError as CheckpointMismatchError
+from pejax.errors import WeakDeltaWarning as WeakDeltaWarning
 from pejax.generators._checked import CheckedGenerator
-from pejax.mechanism import PejaxWarning
 from pejax.mechanism import add_discrete_gaussian_noise
 from pejax.mechanism import release_lattice_votes
 from pejax.mechanism import select_parents
@@ -77,14 +78,6 @@ NOT_DP_NOTICE = (
     "NOT a differentially private release: privacy.noise_seed made the noise reproducible, so anyone who knows "
     "the seed can subtract it. Remove privacy.noise_seed for a private run."
 )
-
-
-class WeakDeltaWarning(PejaxWarning):
-    """delta >= 1/n: a mechanism could then publish a private sample outright and still meet (epsilon, delta)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was written by a run with another configuration, generator, key or private data."""
 
 
 @dataclasses.dataclass

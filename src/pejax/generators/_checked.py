@@ -10,15 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
-from pejax.mechanism import PejaxWarning
-
-
-class GeneratorError(RuntimeError):
-    """A generator call failed permanently or returned something malformed."""
-
-
-class GeneratorRetryWarning(PejaxWarning):
-    """A generator call failed and is being retried."""
+from pejax.errors import GeneratorError as GeneratorError
+from pejax.errors import GeneratorRetryWarning as GeneratorRetryWarning
 
 
 def _leading(samples) -> set[int]:

@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 
 from pejax import _validate
-from pejax.checkpoint import CorruptCheckpointError
+from pejax.errors import ModelCheckpointError as ModelCheckpointError
 
 SCHEDULES = ("linear", "cosine")
 """Noise schedule kinds of :class:`ScheduleConfig`."""
@@ -75,10 +75,6 @@ CONFIG_FILE = "config.json"
 ORBAX_DIR = "params"
 MSGPACK_FILE = "params.msgpack"
 _ETA = {"ddim": 0.0, "ddpm": 1.0}
-
-
-class ModelCheckpointError(CorruptCheckpointError):
-    """A model checkpoint is unreadable, incomplete, or does not fit the model's architecture."""
 
 
 # ------------------------------------------------------------------------------------------------------------

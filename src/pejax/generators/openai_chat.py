@@ -68,7 +68,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _torch_bridge as tb
-from pejax.generators._checked import GeneratorError
+from pejax.errors import APIRequestRejectedError as APIRequestRejectedError
+from pejax.errors import APIUnavailableError as APIUnavailableError
+from pejax.errors import CompletionError as CompletionError
 from pejax.generators._rate_limit import RateLimiter
 from pejax.generators._response_cache import ResponseCache
 from pejax.generators._response_cache import request_key
@@ -116,18 +118,6 @@ USAGE_COUNTERS = (
 """Keys of :meth:`OpenAIChatGenerator.usage` besides ``cost`` and ``rate_limit_wait_s``."""
 
 _SEED_MOD = 2**31 - 1  # request seeds fit a signed 32-bit int, which every server accepts
-
-
-class APIRequestRejectedError(GeneratorError, ValueError):
-    """The endpoint refused a request with a client error (400, 401, 403, 404, ...): not retried."""
-
-
-class APIUnavailableError(GeneratorError):
-    """A request still failed (429, 5xx, timeout, dropped connection) after every retry."""
-
-
-class CompletionError(GeneratorError, ValueError):
-    """Every answer to a request (and its repairs) was empty, refused, non-text or truncated."""
 
 
 # ------------------------------------------------------------------------------------------- validation
