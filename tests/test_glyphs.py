@@ -9,6 +9,7 @@ import pytest
 import scipy.ndimage
 import scipy.special
 
+from pejax.buckets import bucket_size
 from pejax.generators import glyphs
 from pejax.generators._protocol import Generator
 from pejax.generators.glyphs import GlyphParams
@@ -230,6 +231,7 @@ def test_identical_renders_deduplicated():
         ({"num_samples": 0}, ValueError, "num_samples must be an integer >= 1, got 0"),
         ({"num_samples": 2.5}, TypeError, "num_samples"),
         ({"key": None}, TypeError, "key is required"),
+        ({"key": 3}, TypeError, "key must be a jax.random key"),
     ],
 )
 def test_random_bad_inputs(sim, kwargs, error, match):
@@ -324,7 +326,9 @@ def test_random_digits_transfer_to_real_digits():
 
 def test_batch_sizes_share_compilations_and_rows_do_not_depend_on_padding(sim):
     """Sizes in one bucket (here 193..224) compile once; a sample's image does not depend on the batch."""
-    assert [glyphs._bucket(n) for n in (1, 16, 17, 193, 224, 225, 1601)] == [
+    assert [
+        bucket_size(n, per_octave=4, exact_up_to=16) for n in (1, 16, 17, 193, 224, 225, 1601)
+    ] == [
         1,
         16,
         20,

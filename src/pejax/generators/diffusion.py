@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from pejax import _validate
+from pejax.buckets import bucket_size
 from pejax.errors import ModelCheckpointError as ModelCheckpointError
 
 SCHEDULES = ("linear", "cosine")
@@ -349,18 +350,6 @@ def _sample(
 # The generator.
 
 
-def _check_key(key: Any) -> jax.Array:
-    if key is None:
-        raise TypeError("key is required: pass a jax.random key, e.g. jax.random.key(0).")
-    if not isinstance(key, jax.Array) or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)
-    ):
-        raise TypeError(
-            f"key must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__}."
-        )
-    return key
-
-
 def _image_shape(value: Any) -> tuple[int, int, int]:
     if (
         not isinstance(value, Sequence)
@@ -374,13 +363,6 @@ def _image_shape(value: Any) -> tuple[int, int, int]:
             "e.g. image_shape=(16, 16, 1)."
         )
     return tuple(int(v) for v in value)
-
-
-def _bucket(n: int, batch_size: int) -> int:
-    """Rows of a compiled batch: batch_size, or the next power of two >= n (at least 8) when smaller."""
-    if n >= batch_size:
-        return batch_size
-    return min(batch_size, max(8, 1 << (n - 1).bit_length()))
 
 
 class FlaxDiffusionGenerator:
@@ -585,7 +567,7 @@ class FlaxDiffusionGenerator:
         )
         eta = jnp.float32(_ETA[self.sampler])
         n = x0.shape[0]
-        rows = _bucket(n, self.batch_size)
+        rows = bucket_size(n, minimum=8, maximum=self.batch_size)
         outs = []
         for begin in range(0, n, rows):
             idx = jnp.arange(begin, begin + rows)
@@ -626,7 +608,7 @@ class FlaxDiffusionGenerator:
         Raises:
           TypeError, ValueError: a missing key, a bad label or num_samples.
         """
-        key = _check_key(key)
+        key = _validate.check_key(key)
         label = self._check_label(label)
         num_samples = _validate.positive_int("num_samples", num_samples)
         x0 = jnp.zeros((num_samples, *self.image_shape), jnp.float32)
@@ -648,7 +630,7 @@ class FlaxDiffusionGenerator:
         Raises:
           TypeError, ValueError: a missing key, a bad label, degree or samples.
         """
-        key = _check_key(key)
+        key = _validate.check_key(key)
         label = self._check_label(label)
         strength = self.strength(degree)
         images = self._check_images(samples)

@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from pejax import _validate
+from pejax.buckets import bucket_size
 
 # Fraction of the atlas side taken by a glyph's longer side; the rest is margin for dilation.
 _FIT = 0.75
@@ -437,16 +438,10 @@ def _render(sdf, interp, params, *, image_size):
 # The generator.
 
 
-def _bucket(n: int) -> int:
-    """Batch size the compiled kernels run at: ``n`` rounded up to one of 4 sizes per octave (< 25% extra).
-
-    PE asks for a different number of samples per class (and per lookahead), so without buckets every class
-    would compile its own programs; with them, sizes within a bucket share one compilation.
-    """
-    if n <= 16:
-        return n
-    step = 1 << (n.bit_length() - 3)
-    return -(-n // step) * step
+# Batch sizes the compiled kernels run at: n rounded up to one of 4 sizes per octave (< 25% extra rows). PE asks
+# for a different number of samples per class (and per lookahead), so without buckets every class would compile
+# its own programs; with them, sizes within a bucket share one compilation.
+_BUCKET = {"per_octave": 4, "exact_up_to": 16}
 
 
 def _pad_rows(tree, size: int):
@@ -471,11 +466,6 @@ def _first_rows(tree, n: int):
 
 def _traced(tree) -> bool:
     return any(_validate.is_traced(leaf) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def _check_key(key: Any) -> None:
-    if key is None:
-        raise TypeError("key is required: pass a jax.random key, e.g. jax.random.key(0).")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -679,7 +669,7 @@ class GlyphSimulator:
         Raises:
           TypeError, ValueError: on a missing key, a bad label or num_samples.
         """
-        _check_key(key)
+        _validate.check_key(key)
         label = self._check_label(label)
         num_samples = _validate.positive_int("num_samples", num_samples)
         drawn = _sample_prior(
@@ -689,7 +679,7 @@ class GlyphSimulator:
             self._low,
             self._high,
             self._warp_std,
-            num_samples=_bucket(num_samples),
+            num_samples=bucket_size(num_samples, **_BUCKET),
             warp_grid=self.warp_grid,
         )
         return _first_rows(drawn, num_samples)
@@ -718,14 +708,14 @@ class GlyphSimulator:
           TypeError, ValueError: on a missing key, a bad label or degree, or samples of the wrong structure,
             shapes, dtypes or class.
         """
-        _check_key(key)
+        _validate.check_key(key)
         label = self._check_label(label)
         degree = _validate.finite_float("degree", degree, minimum=0.0)
         samples = self._check_samples(samples, label=label)
         n = samples.glyph.shape[0]
         varied = _vary(
             key,
-            _pad_rows(samples, _bucket(n)),
+            _pad_rows(samples, bucket_size(n, **_BUCKET)),
             jnp.int32(self._first[label]),
             jnp.int32(self._count[label]),
             self._low,
@@ -750,6 +740,9 @@ class GlyphSimulator:
         samples = self._check_samples(samples)
         n = samples.glyph.shape[0]
         images = _render(
-            self._sdf, self._interp, _pad_rows(samples, _bucket(n)), image_size=self.image_size
+            self._sdf,
+            self._interp,
+            _pad_rows(samples, bucket_size(n, **_BUCKET)),
+            image_size=self.image_size,
         )
         return _first_rows(images, n)

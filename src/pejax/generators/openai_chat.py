@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _torch_bridge as tb
+from pejax import _validate
 from pejax.errors import APIRequestRejectedError as APIRequestRejectedError
 from pejax.errors import APIUnavailableError as APIUnavailableError
 from pejax.errors import CompletionError as CompletionError
@@ -558,7 +559,9 @@ class OpenAIChatGenerator:
 
     def random_requests(self, key: jax.Array, label: int, num_samples: int) -> list[dict[str, Any]]:
         """The request bodies :meth:`random` would send first (one per sample; repairs not included)."""
-        jobs = self._random_jobs(tb.check_key(key), label, _int("num_samples", num_samples, 0))
+        jobs = self._random_jobs(
+            _validate.check_key(key), label, _int("num_samples", num_samples, 0)
+        )
         return [self._body(j, 0)[0] for j in jobs]
 
     def to_texts(self, samples: Any) -> list[str]:
@@ -659,7 +662,7 @@ class OpenAIChatGenerator:
         if isinstance(key, jax.core.Tracer):
             # Shape-only evaluation (jax.eval_shape, e.g. the runner restoring a checkpoint): send nothing.
             return jnp.zeros((n, self.max_bytes), jnp.uint8)
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         jobs = self._random_jobs(key, label, n)
         return self._encode(self._run(jobs, f"random class {label}"))
 
@@ -687,7 +690,7 @@ class OpenAIChatGenerator:
         d = _num("degree", degree, 0.0, 1.0)
         if isinstance(key, jax.core.Tracer) or isinstance(samples, jax.core.Tracer):
             return jnp.zeros(arr.shape, jnp.uint8)
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         tb.prompt_for(self.prompts, label)
         if d == 0.0 or arr.shape[0] == 0:
             return jnp.asarray(arr)
