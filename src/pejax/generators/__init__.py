@@ -4,9 +4,9 @@ Adapters with heavy dependencies (Pillow fonts, Flax, torch, diffusers, transfor
 ``import pejax.generators`` stays light: ``pejax.generators.GlyphSimulator`` loads the glyph module on first use.
 """
 
+from pejax.errors import GeneratorError
+from pejax.errors import GeneratorRetryWarning
 from pejax.generators._checked import CheckedGenerator
-from pejax.generators._checked import GeneratorError
-from pejax.generators._checked import GeneratorRetryWarning
 from pejax.generators._protocol import Generator
 
 _LAZY = {
