@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pejax import _audit_cli
 from pejax import add_gaussian_noise
 from pejax import auditing
 from pejax import vote_histogram
+from pejax.cli import audit as audit_cli
 
 SIGMA_ONE = 3.0
 SIGMA_LOOP = 5.0
@@ -308,8 +308,8 @@ def test_report_is_json_serialisable_and_lists_every_accountant():
 def _cli(argv):
     import argparse
 
-    parser = _audit_cli.add_audit_arguments(argparse.ArgumentParser())
-    return _audit_cli.audit_main(parser.parse_args(argv))
+    parser = audit_cli.add_audit_arguments(argparse.ArgumentParser())
+    return audit_cli.audit_main(parser.parse_args(argv))
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):
