@@ -27,6 +27,7 @@ import os
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,8 @@ class GlyphSimulator:
         treated as one more font.
       name: a short name for messages and reports.
 
+    ``modality`` is ``"image"`` (a class attribute, not an argument).
+
     Raises:
       ValueError: if an argument is out of range, or no font has a genuine glyph for some class's text.
       TypeError: if an argument has the wrong type.
@@ -118,6 +121,7 @@ class GlyphSimulator:
     atlas_size: int = 64
     handwriting: bool = False
     name: str = "glyphs"
+    modality: ClassVar[str] = "image"
 
     def __post_init__(self):
         texts = self.texts

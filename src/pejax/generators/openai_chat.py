@@ -568,14 +568,6 @@ class OpenAIChatGenerator:
         """Decodes samples (uint8 (N, L) UTF-8 bytes) to N strings."""
         return decode_texts(samples)
 
-    def to_images(self, samples: Any):
-        """Text samples have no images: always raises TypeError (the runner embeds the bytes directly)."""
-        del samples
-        raise TypeError(
-            f"generator {self.name!r} makes text (modality 'text'); it has no images. Embed its samples with "
-            "a text embedding such as pejax.hf_embeddings.SentenceTransformerEmbedding."
-        )
-
     def close(self) -> None:
         """Closes the response cache file."""
         if self._cache is not None:

@@ -463,13 +463,5 @@ class CausalLMTextGenerator:
         """Decodes samples (uint8 (N, L) UTF-8 bytes) to N strings."""
         return decode_texts(samples)
 
-    def to_images(self, samples: Any):
-        """Text samples have no images: always raises TypeError (the runner embeds the bytes directly)."""
-        del samples
-        raise TypeError(
-            f"generator {self.name!r} makes text (modality 'text'); it has no images. Embed its samples with "
-            "a text embedding such as pejax.hf_embeddings.SentenceTransformerEmbedding."
-        )
-
 
 __all__ = ["DEFAULT_REWRITE_TEMPLATE", "VARIATION_MODES", "CausalLMTextGenerator"]
