@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _compiles import count_compiles
+
+pytest.importorskip("flax", reason="needs pejax[flax]")
+pytest.importorskip("orbax.checkpoint", reason="needs pejax[flax]")
+
 from flax import nnx
 from scipy.optimize import brentq
 from scipy.stats import norm

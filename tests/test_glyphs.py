@@ -11,6 +11,9 @@ import scipy.special
 import scipy.stats
 from _compiles import count_compiles
 
+pytest.importorskip("PIL", reason="needs pejax[demo]")
+pytest.importorskip("fontTools", reason="needs pejax[demo]")
+
 from pejax.buckets import bucket_size
 from pejax.generators import Generator
 from pejax.generators import glyphs

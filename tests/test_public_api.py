@@ -53,7 +53,7 @@ _OLD_HOMES = {
         "ForeignCheckpointError",
     ],
     "pejax.experiment": ["OutputFolderError"],
-    "pejax.generators._checked": ["GeneratorError", "GeneratorRetryWarning"],
+    "pejax.generators": ["GeneratorError", "GeneratorRetryWarning"],
     "pejax.generators.diffusion": ["ModelCheckpointError"],
     "pejax.generators.openai_chat": [
         "APIRequestRejectedError",

@@ -76,8 +76,8 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def torch():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", reason="needs pejax[text]")
+    pytest.importorskip("transformers", reason="needs pejax[text]")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is far faster
     yield torch
