@@ -29,7 +29,7 @@ from pejax.embeddings import resize_embedding
 from pejax.experiment import DEMO_CONFIG
 from pejax.experiment import build_generator
 from pejax.experiment import load_data
-from pejax.neighbors import nearest_neighbors
+from pejax.metrics import nearest_random_samples
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 # Generators compared by default: the demo's simulator with and without the handwritten forms.
@@ -39,34 +39,20 @@ GENERATORS = {
 }
 
 
-def nearest_random(generator, key, private, num_random: int, label: int, batch: int = 5000):
-    """(n, 8, 8, 1) images: for each of the ``private`` (n, 8, 8, 1) images of class ``label``, the nearest
-    (L2 at 8x8) of ``num_random`` random samples of ``generator``, resized to 8x8."""
-    flat = np.asarray(private, np.float32).reshape(len(private), -1)
-    best_d = np.full(len(private), np.inf)
-    best = np.zeros_like(flat)
-    for start in range(0, num_random, batch):
-        size = min(batch, num_random - start)
-        samples = generator.random(jax.random.fold_in(key, start), label, size)
-        emb = np.asarray(resize_embedding(generator.to_images(samples), size=(8, 8)))
-        nearest = nearest_neighbors(flat, emb, k=1)
-        dist = np.asarray(nearest.distances[:, 0])
-        idx = np.asarray(nearest.indices[:, 0])
-        closer = dist < best_d
-        best_d[closer] = dist[closer]
-        best[closer] = emb[idx[closer]]
-    return best.reshape(private.shape)
-
-
 def coverage(generator, key, train_x, train_y, test_x, test_y, num_random: int, c: float):
     """(test accuracy, per-class recall) of the oracle for one pool of random samples."""
     from sklearn.linear_model import LogisticRegression
 
     classes = np.unique(train_y)
     xs = [
-        nearest_random(
-            generator, jax.random.fold_in(key, int(y)), train_x[train_y == y], num_random, int(y)
-        )
+        nearest_random_samples(
+            generator,
+            jax.random.fold_in(key, int(y)),
+            train_x[train_y == y].reshape(int((train_y == y).sum()), -1),
+            label=int(y),
+            num_random=num_random,
+            embed=lambda images: resize_embedding(images, size=(8, 8)),
+        ).reshape(train_x[train_y == y].shape)
         for y in classes
     ]
     ys = [np.full(len(x), y) for x, y in zip(xs, classes, strict=True)]

@@ -11,6 +11,7 @@ class ToyGenerator:
     """Samples are (N, 6, 6, 1) images in [0, 1]; variation adds Gaussian noise of std 0.3 * degree."""
 
     name = "toy"
+    modality = "image"
 
     def __init__(self):
         self.calls = {"random": 0, "variation": 0, "to_images": 0}

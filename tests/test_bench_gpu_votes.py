@@ -1,4 +1,4 @@
-"""experiments/bench_gpu_votes.py at tiny sizes on the CPU: every method runs and reports what the GPU run needs."""
+"""benchmarks/bench_gpu_votes.py at tiny sizes on the CPU: every method runs and reports what the GPU run needs."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 _ROOT = pathlib.Path(__file__).parents[1]
-_SCRIPT = _ROOT / "experiments" / "bench_gpu_votes.py"
+_SCRIPT = _ROOT / "benchmarks" / "bench_gpu_votes.py"
 _TINY_PE = [
     "--pe-image-size", "8", "--pe-classes", "2", "--pe-candidates", "8", "--pe-private", "40",
     "--pe-steps", "2", "--pe-base-channels", "8", "--pe-channel-mults", "1", "--pe-batch-size", "64",
@@ -27,7 +27,7 @@ def _run(tmp_path, *args):
 
 
 def test_vote_methods_at_tiny_sizes(tmp_path):
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="needs pejax[bench]")
     rows, stdout = _run(
         tmp_path,
         *("--cases", "300x200x16", "--methods", "jax", "torch", "faiss", "--block-sizes", "64"),

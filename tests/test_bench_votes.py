@@ -1,4 +1,4 @@
-"""Smoke test of experiments/bench_votes.py at tiny sizes: workers, interleaving, memory, machine state."""
+"""Smoke test of benchmarks/bench_votes.py at tiny sizes: workers, interleaving, memory, machine state."""
 
 import os
 import pathlib
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("faiss")
-pytest.importorskip("threadpoolctl")
+pytest.importorskip("faiss", reason="needs pejax[bench]")
+pytest.importorskip("threadpoolctl", reason="needs pejax[bench]")
 
-_SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "bench_votes.py"
+_SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_votes.py"
 
 
 def _run(tmp_path, *extra):

@@ -30,6 +30,8 @@ degrees = [0.5, 0.2]
 
 @pytest.fixture(scope="module")
 def small_config(tmp_path_factory):
+    for module in ("sklearn", "PIL", "fontTools"):  # the digits data and the glyph simulator
+        pytest.importorskip(module, reason="needs pejax[demo]")
     path = tmp_path_factory.mktemp("cfg") / "small.toml"
     path.write_text(SMALL)
     return path

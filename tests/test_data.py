@@ -7,6 +7,10 @@ import doctest
 
 import numpy as np
 import pytest
+
+pytest.importorskip("PIL", reason="needs pejax[demo]")
+pytest.importorskip("sklearn", reason="needs pejax[demo]")
+
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split

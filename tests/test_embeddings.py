@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _compiles import count_compiles
 
 from pejax import embeddings
 from pejax.embeddings import get_embedding
@@ -111,10 +112,11 @@ def test_resize_under_jit_and_no_retrace():
     np.testing.assert_allclose(
         np.asarray(fn(images)), np.asarray(resize_embedding(images, size=(8, 8))), atol=1e-7
     )
-    before = embeddings._resize._cache_size()
-    for seed in range(3):
-        resize_embedding(_images((4, 16, 16, 1), seed=seed), size=(8, 8))
-    assert embeddings._resize._cache_size() == before
+    batches = [_images((4, 16, 16, 1), seed=seed) for seed in range(3)]
+    with count_compiles() as compiles:
+        for batch in batches:
+            resize_embedding(batch, size=(8, 8))
+    assert compiles.count == 0, compiles.names
 
 
 @pytest.mark.parametrize(

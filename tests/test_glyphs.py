@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import scipy.special
+import scipy.stats
+from _compiles import count_compiles
 
+pytest.importorskip("PIL", reason="needs pejax[demo]")
+pytest.importorskip("fontTools", reason="needs pejax[demo]")
+
+from pejax.buckets import bucket_size
+from pejax.generators import Generator
 from pejax.generators import glyphs
-from pejax.generators._protocol import Generator
 from pejax.generators.glyphs import GlyphParams
 from pejax.generators.glyphs import GlyphPrior
 from pejax.generators.glyphs import GlyphSimulator
 
+# The continuous per-sample parameters of GlyphParams (all but the glyph index and the warp grid).
+SCALAR_FIELDS = tuple(f for f in GlyphParams._fields if f not in ("glyph", "warp"))
 SIZE = 16
 N = 37  # awkward on purpose
 
@@ -51,7 +59,7 @@ def test_shapes_dtypes_and_ranges(sim, samples):
     assert samples.glyph.shape == (N,) and samples.glyph.dtype == jnp.int32
     assert samples.warp.shape == (N, g, g, 2)
     prior = sim.prior
-    for field in glyphs._SCALAR_FIELDS:
+    for field in SCALAR_FIELDS:
         value = np.asarray(getattr(samples, field))
         assert value.shape == (N,) and value.dtype == np.float32
         low, high = getattr(prior, field)
@@ -69,7 +77,7 @@ def test_shapes_dtypes_and_ranges(sim, samples):
 
 def test_variation_stays_in_range_and_class(sim, samples):
     children = _np(sim.variation(jax.random.key(3), samples, label=0, degree=3.0))
-    for field in glyphs._SCALAR_FIELDS:
+    for field in SCALAR_FIELDS:
         low, high = getattr(sim.prior, field)
         value = getattr(children, field)
         assert value.min() >= low and value.max() <= high, field
@@ -125,11 +133,34 @@ def test_classes_differ_systematically(sim):
     assert correct / 200 > 0.85
 
 
+def _catmull_rom_reference(num_out: int, num_grid: int) -> np.ndarray:
+    """(num_out, num_grid) float64: the Catmull-Rom spline through grid values (ends repeated), at pixel centres.
+
+    The textbook form p(f) = 0.5 (2 p1 + (p2 - p0) f + (2 p0 - 5 p1 + 4 p2 - p3) f^2 + (3 p1 - p0 - 3 p2 + p3) f^3),
+    applied to each unit vector of the grid; grid point 0 sits on the image's first edge, the last on its last.
+    """
+    weights = np.zeros((num_out, num_grid))
+    for j in range(num_grid):
+        grid = np.eye(num_grid)[j]
+        for i in range(num_out):
+            t = (i + 0.5) / num_out * (num_grid - 1)
+            base = math.floor(t)
+            f = t - base
+            p0, p1, p2, p3 = (grid[min(max(base + o, 0), num_grid - 1)] for o in (-1, 0, 1, 2))
+            weights[i, j] = 0.5 * (
+                2 * p1
+                + (p2 - p0) * f
+                + (2 * p0 - 5 * p1 + 4 * p2 - p3) * f**2
+                + (3 * p1 - p0 - 3 * p2 + p3) * f**3
+            )
+    return weights
+
+
 def test_matches_numpy_reference(sim, samples):
     """Independent float64 rendering: scipy's bilinear map_coordinates and erfc, the documented formulas."""
     p = _np(samples)
-    interp = glyphs._catmull_rom_matrix(SIZE, sim.warp_grid).astype(np.float64)
-    sdf = np.asarray(sim._sdf, np.float64)
+    interp = _catmull_rom_reference(SIZE, sim.warp_grid)
+    sdf = np.asarray(sim.atlas, np.float64)
     atlas = sdf.shape[-1]
     centres = (np.arange(SIZE) + 0.5) / SIZE - 0.5
     qy, qx = np.meshgrid(centres, centres, indexing="ij")
@@ -139,7 +170,7 @@ def test_matches_numpy_reference(sim, samples):
         py = qy + interp @ p.warp[i, ..., 1] @ interp.T - p.shift_y[i]
         rot = np.array([[math.cos(p.rotation[i]), -math.sin(p.rotation[i])],
                         [math.sin(p.rotation[i]), math.cos(p.rotation[i])]])  # fmt: skip
-        zoom = p.scale[i] / glyphs._FIT
+        zoom = p.scale[i] / glyphs.ATLAS_FIT
         stretch = np.diag([zoom * math.exp(p.aspect[i] / 2), zoom * math.exp(-p.aspect[i] / 2)])
         forward = rot @ np.array([[1.0, p.shear[i]], [0.0, 1.0]]) @ stretch
         ax, ay = np.einsum("ij,jhw->ihw", np.linalg.inv(forward), np.stack([px, py]))
@@ -147,7 +178,7 @@ def test_matches_numpy_reference(sim, samples):
         distance = (
             scipy.ndimage.map_coordinates(sdf[p.glyph[i]], coords, order=1, mode="nearest") * zoom
         )
-        sigma = math.hypot(p.blur[i], glyphs._ANTIALIAS_PX / SIZE)
+        sigma = math.hypot(p.blur[i], 0.4 / SIZE)  # the module docstring's formula
         expected = (
             p.ink[i] * 0.5 * scipy.special.erfc((distance - p.stroke[i]) / (sigma * math.sqrt(2)))
         )
@@ -171,20 +202,17 @@ def test_thicker_stroke_more_ink(sim, samples):
     assert np.all(np.asarray(thick).sum(axis=(1, 2, 3)) > np.asarray(thin).sum(axis=(1, 2, 3)))
 
 
-def _cache_sizes():
-    return tuple(f._cache_size() for f in (glyphs._render, glyphs._vary, glyphs._sample_prior))
-
-
 def test_not_retraced(sim, samples):
+    keys = [jax.random.key(i) for i in range(3)]
     sim.to_images(samples)
-    sim.variation(jax.random.key(0), samples, 0, 0.1)
-    sim.random(jax.random.key(0), 0, N)
-    sizes = _cache_sizes()
-    for i in range(3):
-        children = sim.variation(jax.random.key(i), samples, 0, 0.1 * i)
-        sim.to_images(children)
-        sim.random(jax.random.key(i), i % 2, N)
-    assert _cache_sizes() == sizes
+    sim.variation(keys[0], samples, 0, 0.1)
+    sim.random(keys[0], 0, N)
+    with count_compiles() as compiles:
+        for i in range(3):
+            children = sim.variation(keys[i], samples, 0, 0.1 * i)
+            sim.to_images(children)
+            sim.random(keys[i], i % 2, N)
+    assert compiles.count == 0
 
 
 def test_works_under_outer_jit(sim, samples):
@@ -230,6 +258,7 @@ def test_identical_renders_deduplicated():
         ({"num_samples": 0}, ValueError, "num_samples must be an integer >= 1, got 0"),
         ({"num_samples": 2.5}, TypeError, "num_samples"),
         ({"key": None}, TypeError, "key is required"),
+        ({"key": 3}, TypeError, "key must be a jax.random key"),
     ],
 )
 def test_random_bad_inputs(sim, kwargs, error, match):
@@ -297,11 +326,18 @@ def test_bad_constructor_arguments():
         GlyphSimulator(texts=("0",), image_size=SIZE).image_size = 8
 
 
-def test_fold_reflects_into_range():
-    x = jnp.array([-2.5, -0.2, 0.0, 0.3, 1.0, 1.7, 4.2])
-    folded = np.asarray(glyphs._fold(x, 0.0, 1.0))
-    np.testing.assert_allclose(folded, [0.5, 0.2, 0.0, 0.3, 1.0, 0.3, 0.2], atol=1e-6)
-    np.testing.assert_array_equal(glyphs._fold(x, 0.5, 0.5), np.full(7, 0.5))
+def test_variation_reflects_into_the_prior_range(sim):
+    """Noise that leaves a parameter's range is reflected back (not clipped): after a large variation every
+    scalar parameter is spread uniformly over its prior range, with no mass piled up on the bounds."""
+    parents = sim.random(jax.random.key(30), 0, 2000)
+    children = _np(sim.variation(jax.random.key(31), parents, 0, 50.0))
+    for field in SCALAR_FIELDS:
+        low, high = getattr(sim.prior, field)
+        if low == high:
+            continue
+        value = np.asarray(getattr(children, field), np.float64)
+        assert np.mean((value <= low + 1e-6) | (value >= high - 1e-6)) < 0.01, field
+        assert scipy.stats.kstest((value - low) / (high - low), "uniform").pvalue > 1e-3, field
 
 
 def test_random_digits_transfer_to_real_digits():
@@ -324,7 +360,9 @@ def test_random_digits_transfer_to_real_digits():
 
 def test_batch_sizes_share_compilations_and_rows_do_not_depend_on_padding(sim):
     """Sizes in one bucket (here 193..224) compile once; a sample's image does not depend on the batch."""
-    assert [glyphs._bucket(n) for n in (1, 16, 17, 193, 224, 225, 1601)] == [
+    assert [
+        bucket_size(n, per_octave=4, exact_up_to=16) for n in (1, 16, 17, 193, 224, 225, 1601)
+    ] == [
         1,
         16,
         20,
@@ -333,19 +371,20 @@ def test_batch_sizes_share_compilations_and_rows_do_not_depend_on_padding(sim):
         256,
         1792,
     ]
-    base = sim.random(jax.random.key(5), 1, 224)
-    sim.to_images(base)
-    sim.variation(jax.random.key(6), base, 1, 0.2)
-    sizes = _cache_sizes()
-    for n in (193, 200, 211):
-        part = jax.tree_util.tree_map(lambda a, n=n: a[:n], base)
-        images = sim.to_images(part)
+    base = _np(sim.random(jax.random.key(5), 1, 224))
+    key = jax.random.key(6)
+    full = np.asarray(sim.to_images(base))
+    sim.variation(key, base, 1, 0.2)
+    parts = {n: jax.tree_util.tree_map(lambda a, n=n: a[:n], base) for n in (193, 200, 211)}
+    for n, part in parts.items():
+        with count_compiles() as compiles:  # render and variation: no new compilation
+            images = sim.to_images(part)
+            varied = sim.variation(key, part, 1, 0.2)
+        assert compiles.count == 0, n
         assert images.shape == (n, sim.image_size, sim.image_size, 1)
-        np.testing.assert_array_equal(np.asarray(images), np.asarray(sim.to_images(base))[:n])
-        varied = sim.variation(jax.random.key(6), part, 1, 0.2)
+        np.testing.assert_array_equal(np.asarray(images), full[:n])
         assert varied.glyph.shape == (n,)
         assert sim.random(jax.random.key(7), 1, n).scale.shape == (n,)
-    assert _cache_sizes()[:2] == sizes[:2]  # render and variation: no new compilation
 
 
 def test_handwritten_forms_join_the_atlas_as_fonts():

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
+diffusers = pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
+transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
 
 from pejax.config import PEConfig  # noqa: E402
 from pejax.config import PrivacyConfig  # noqa: E402

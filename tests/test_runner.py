@@ -17,8 +17,8 @@ from pejax import engine
 from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
-from pejax.generators._checked import GeneratorError
-from pejax.generators._checked import GeneratorRetryWarning
+from pejax.errors import GeneratorError
+from pejax.errors import GeneratorRetryWarning
 from pejax.runner import CheckpointMismatchError
 from pejax.runner import PrivateEvolution
 from pejax.runner import allocate

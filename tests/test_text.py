@@ -15,6 +15,8 @@ from _tiny_models import byte_bpe_tokenizer
 from _tiny_models import tiny_gpt2
 
 import pejax.runner
+from pejax.generators import ImageGenerator
+from pejax.generators import TextGenerator
 from pejax.generators.text_codec import decode_texts
 from pejax.generators.text_codec import encode_texts
 
@@ -74,8 +76,8 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def torch():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", reason="needs pejax[text]")
+    pytest.importorskip("transformers", reason="needs pejax[text]")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is far faster
     yield torch
@@ -238,8 +240,10 @@ def test_errors(gen, lm_path, tmp_path, torch):
         gen.variation(key, s, 0, 1.5)
     with pytest.raises(ValueError, match=r"uint8 array \(N, 96\)"):
         gen.variation(key, np.zeros((1, 10), np.uint8), 0, 0.5)
-    with pytest.raises(TypeError, match="no images"):
-        gen.to_images(s)
+    # A text generator's samples are the bytes themselves: no to_images, decoded by to_texts.
+    assert isinstance(gen, TextGenerator) and not isinstance(gen, ImageGenerator)
+    assert not hasattr(gen, "to_images")
+    assert gen.to_texts(s) == decode_texts(s)
 
 
 def _toy_text_embedding(samples):

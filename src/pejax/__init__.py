@@ -6,15 +6,29 @@ The public surface is the names in ``__all__``; modules whose names start with a
 
 from pejax import accounting
 from pejax import engine
-from pejax.accounting import BudgetExceededError
+from pejax import errors
 from pejax.accounting import PrivacyLedger
 from pejax.accounting import Release
 from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
 from pejax.engine import PEState
+from pejax.errors import APIRequestRejectedError
+from pejax.errors import APIUnavailableError
+from pejax.errors import BudgetExceededError
+from pejax.errors import CheckpointMismatchError
+from pejax.errors import CompletionError
+from pejax.errors import CorruptCheckpointError
+from pejax.errors import CorruptCheckpointWarning
+from pejax.errors import FolderInUseError
+from pejax.errors import ForeignCheckpointError
+from pejax.errors import GeneratorError
+from pejax.errors import GeneratorRetryWarning
+from pejax.errors import ModelCheckpointError
+from pejax.errors import OutputFolderError
+from pejax.errors import PejaxWarning
+from pejax.errors import WeakDeltaWarning
 from pejax.mechanism import AllZeroHistogramWarning
-from pejax.mechanism import PejaxWarning
 from pejax.mechanism import Selection
 from pejax.mechanism import add_discrete_gaussian_noise
 from pejax.mechanism import add_gaussian_noise
@@ -38,12 +52,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HISTOGRAM_SENSITIVITY",
+    "APIRequestRejectedError",
+    "APIUnavailableError",
     "AllZeroHistogramWarning",
     "BudgetExceededError",
+    "CheckpointMismatchError",
+    "CompletionError",
+    "CorruptCheckpointError",
+    "CorruptCheckpointWarning",
+    "FolderInUseError",
+    "ForeignCheckpointError",
+    "GeneratorError",
+    "GeneratorRetryWarning",
     "IterationInfo",
     "LatticeVotes",
+    "ModelCheckpointError",
     "Neighbors",
     "NoiseKey",
+    "OutputFolderError",
     "PEConfig",
     "PEState",
     "PejaxWarning",
@@ -54,10 +80,12 @@ __all__ = [
     "RunResult",
     "Selection",
     "SpeedConfig",
+    "WeakDeltaWarning",
     "accounting",
     "add_discrete_gaussian_noise",
     "add_gaussian_noise",
     "engine",
+    "errors",
     "histogram_sensitivity",
     "lattice_vote_histogram",
     "nearest_neighbors",

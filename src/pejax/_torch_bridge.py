@@ -81,19 +81,6 @@ def require(module: str, extra: str):
         ) from e
 
 
-def check_key(key: Any, name: str = "key") -> jax.Array:
-    """Checks that ``key`` is a ``jax.random`` key (typed, or a raw uint32 array of shape (2,))."""
-    if isinstance(key, jax.Array) and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.shape == (2,) and key.dtype == jnp.uint32)
-    ):
-        return key
-    raise TypeError(
-        f"{name} must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__} "
-        f"{getattr(key, 'dtype', '')} {getattr(key, 'shape', '')}."
-    )
-
-
 _SEED_BLOCK = 256
 
 

@@ -102,6 +102,27 @@ def delta(value: Any, name: str = "delta") -> float:
     return value
 
 
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """Checks that ``key`` is a ``jax.random`` key: a typed key array (``jax.random.key``) of any shape, or a
+    raw uint32 key of shape (2,) (``jax.random.PRNGKey``). Traced keys (inside ``jit``/``vmap``) pass.
+
+    Returns the key unchanged. A key is never defaulted: ``None`` is refused with the fix.
+    """
+    if key is None:
+        raise TypeError(
+            f"{name} is required: pass a jax.random key, e.g. {name}=jax.random.key(0)."
+        )
+    if isinstance(key, jax.Array) and (
+        jax.numpy.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.shape == (2,) and key.dtype == jax.numpy.uint32)
+    ):
+        return key
+    raise TypeError(
+        f"{name} must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__} "
+        f"{getattr(key, 'dtype', '')} {getattr(key, 'shape', '')}."
+    )
+
+
 def one_of(name: str, value: Any, options: tuple[str, ...]) -> str:
     """Checks that ``value`` is one of the strings ``options`` (exact match)."""
     if not isinstance(value, str) or value not in options:

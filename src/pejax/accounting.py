@@ -35,6 +35,7 @@ from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from pejax import _validate
+from pejax.errors import BudgetExceededError as BudgetExceededError
 from pejax.votes import HISTOGRAM_SENSITIVITY
 from pejax.votes import NEIGHBORING_RELATION_SAMPLE
 from pejax.votes import NEIGHBORING_RELATIONS
@@ -109,10 +110,6 @@ def _check_effective_noise(noise_multiplier: float, iterations: int, name: str) 
             "about 30 (no meaningful privacy) and PLD accounting would take minutes or exhaust memory. Use "
             f"{name} >= {need:.4g} for {iterations} iteration(s), or 0 for no privacy at all."
         )
-
-
-class BudgetExceededError(ValueError):
-    """A release (or a planned schedule) would spend more privacy than the target allows."""
 
 
 def gaussian_event(noise_multiplier: float, iterations: int = 1) -> dp_accounting.DpEvent:

@@ -344,7 +344,7 @@ def make_audit_setup(
       >>> s.private.shape, s.canary.shape, s.synthetic.shape, s.user_level
       ((10, 2), (2, 2), (8, 2), True)
     """
-    _check_key(key)
+    _validate.check_key(key)
     n = _validate.positive_int("num_private", num_private)
     m = _validate.positive_int("num_synthetic", num_synthetic)
     d = _validate.positive_int("dim", dim)
@@ -502,7 +502,7 @@ def release_transcript(
     settings = _settings(
         mechanism, noise_multiplier, iterations, k, threshold_sigmas, variation_degree, setup
     )
-    _check_key(key)
+    _validate.check_key(key)
     private, groups = setup.with_canary() if include_canary else (setup.private, setup.group_ids)
     return _transcript_jit(
         key,
@@ -699,7 +699,7 @@ def audit_mechanism(
       >>> report.passed, round(report.claimed_epsilon["pld"], 3), report.epsilon_lower_bound < 0.5
       (True, 1.271, True)
     """
-    _check_key(key)
+    _validate.check_key(key)
     if not isinstance(setup, AuditSetup):
         raise TypeError(
             f"setup must be a pejax.auditing.AuditSetup (see make_audit_setup), got {type(setup).__name__}."
@@ -803,13 +803,6 @@ def audit_mechanism(
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def _check_key(key: Any) -> None:
-    if not isinstance(key, jax.Array) or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)
-    ):
-        raise TypeError(
-            f"key must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__}."
-        )
 
 
 def _confidence(value: Any) -> float:

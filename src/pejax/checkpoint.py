@@ -28,7 +28,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pejax.mechanism import PejaxWarning
+from pejax.errors import CorruptCheckpointError as CorruptCheckpointError
+from pejax.errors import CorruptCheckpointWarning as CorruptCheckpointWarning
+from pejax.errors import FolderInUseError as FolderInUseError
+from pejax.errors import ForeignCheckpointError as ForeignCheckpointError
 
 _NAME = re.compile(r"^ckpt-(\d{6})\.npz$")
 # Temporary files of pejax's atomic writers: ".<final name>.tmp-<pid>" (plus ".png" for images).
@@ -36,22 +39,6 @@ _TMP_NAME = re.compile(r"^\..+\.tmp-\d+(\.png)?$")
 META_KEY = "__meta__"
 FORMAT_VERSION = 1
 LOCK_NAME = ".pejax.lock"
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file is unreadable, truncated or fails its checksum."""
-
-
-class CorruptCheckpointWarning(PejaxWarning):
-    """A corrupt checkpoint was skipped in favour of an older valid one."""
-
-
-class FolderInUseError(RuntimeError):
-    """Another live process holds the lock of a run folder (output folder or checkpoint folder)."""
-
-
-class ForeignCheckpointError(ValueError):
-    """A fresh run was asked to write into a checkpoint folder that holds another run's checkpoints."""
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
+from pejax import buckets
 from pejax._compile import QUICK_COMPILE
 from pejax.config import PEConfig
 from pejax.config import SpeedConfig
@@ -59,16 +60,14 @@ from pejax.votes import lattice_vote_histogram
 
 
 def bucket_size(n: int) -> int:
-    """``n`` rounded up to one of 4 sizes per octave (at most 25% more; sizes up to 16 are kept).
+    """The engine's padded size for n rows: :func:`pejax.buckets.bucket_size` with 4 sizes per octave (at most
+    25% more rows; sizes up to 16 are kept).
 
     Arrays whose leading size is bucketed share compiled XLA programs: PE's classes and lookahead copies come in
     many sizes, and without buckets every one of them would compile its own kernels.
     """
     n = _validate.positive_int("n", n, minimum=0)
-    if n <= 16:
-        return n
-    step = 1 << (n.bit_length() - 3)
-    return -(-n // step) * step
+    return n if n == 0 else buckets.bucket_size(n, per_octave=4, exact_up_to=16)
 
 
 # ----------------------------------------------------------------------------------------------- state

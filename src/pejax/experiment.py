@@ -22,6 +22,7 @@ from pejax import checkpoint as ckpt
 from pejax import config as cfg
 from pejax import registry
 from pejax import reporting
+from pejax.errors import OutputFolderError as OutputFolderError
 from pejax.runner import NOT_DP_NOTICE
 from pejax.runner import IterationInfo
 from pejax.runner import PrivateEvolution
@@ -62,10 +63,6 @@ RUN_KEYS = ("seed", "evaluate", "out", "classifier_c")
 EVALUATION_KEYS = ("metrics", "embedding")
 # Names of the metrics in reports (the demo's reports have always used these).
 REPORT_NAMES = {"accuracy": "test_accuracy", "frechet": "frechet_distance"}
-
-
-class OutputFolderError(ValueError):
-    """The output folder holds files of another run."""
 
 
 def load_dataset(section: dict | None) -> registry.Dataset:

@@ -20,16 +20,13 @@ import numpy as np
 from jax import lax
 
 from pejax import _validate
+from pejax.errors import PejaxWarning as PejaxWarning
 from pejax.secure_noise import NoiseKey
 from pejax.secure_noise import discrete_gaussian_noise
 from pejax.votes import HISTOGRAM_SENSITIVITY
 from pejax.votes import LatticeVotes
 
 SELECTION_MODES = ("sample", "rank")
-
-
-class PejaxWarning(UserWarning):
-    """Base class of the warnings pejax emits."""
 
 
 class AllZeroHistogramWarning(PejaxWarning):

@@ -1,4 +1,5 @@
-"""Quality metrics for synthetic images: Frechet distance and downstream classification accuracy.
+"""Quality metrics for synthetic images: Frechet distance, downstream classification accuracy, and the
+nearest-of-N coverage oracle of a generator's random samples.
 
 These run on the host after a run (or in a callback). They are *evaluation* tools: a metric
 computed on private data and then used to steer a run or to choose hyperparameters spends privacy
@@ -313,4 +314,89 @@ def choose_classifier_c(
     return best, {c: float(v) for c, v in zip(ordered, mean, strict=True)}
 
 
-__all__ = ["choose_classifier_c", "downstream_accuracy", "frechet_distance"]
+def nearest_random_samples(
+    generator: Any,
+    key: jax.Array,
+    private: ArrayLike,
+    *,
+    label: int,
+    num_random: int,
+    embed: Any,
+    batch: int = 5000,
+) -> np.ndarray:
+    """The nearest-of-N coverage oracle: how well a generator's RANDOM API alone covers the private data.
+
+    Draws ``num_random`` random samples of class ``label`` from ``generator`` (in calls of at most ``batch``
+    samples; the call starting at sample ``s`` uses ``fold_in(key, s)``), embeds their images with ``embed``
+    and returns, for each private embedding, the nearest (L2) of those sample embeddings. Training a classifier
+    on the result bounds what PE's selection could extract from the generator without variations.
+
+    It reads the private data without noise: a developer's tool, outside any DP guarantee.
+
+    Args:
+      generator: an image generator (``random`` and ``to_images``; see :class:`pejax.generators.Generator`).
+      key: a ``jax.random`` key.
+      private: (n, d) float embeddings of the private samples of class ``label``.
+      label: the class to draw.
+      num_random: how many random samples to draw, >= 1.
+      embed: a function from images (m, H, W, C) to (m, d) embeddings (the one that made ``private``).
+      batch: random samples per generator call, >= 1.
+
+    Returns:
+      (n, d) float32 NumPy array: row i is the sample embedding nearest to ``private[i]``.
+
+    Raises:
+      ValueError, TypeError: a bad argument, or embeddings of another width than ``private``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> class Grey:  # samples are grey levels, rendered as 2x2 images
+      ...     name, modality = "grey", "image"
+      ...     def random(self, key, label, n):
+      ...         return jax.random.uniform(key, (n,))
+      ...     def to_images(self, s):
+      ...         return jnp.broadcast_to(s[:, None, None, None], (len(s), 2, 2, 1))
+      >>> private = np.full((3, 4), 0.5, np.float32)
+      >>> near = nearest_random_samples(Grey(), jax.random.key(0), private, label=0, num_random=500,
+      ...                               embed=lambda im: im.reshape(len(im), -1))
+      >>> near.shape, bool(np.abs(near - 0.5).max() < 0.01)
+      ((3, 4), True)
+    """
+    _validate.check_key(key)
+    if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 0:
+        raise ValueError(f"label must be a class index >= 0, got {label!r}.")
+    num_random = _validate.positive_int("num_random", num_random)
+    batch = _validate.positive_int("batch", batch)
+    if not callable(embed):
+        raise TypeError(
+            f"embed must be a function from images to embeddings, got {type(embed).__name__}."
+        )
+    flat = np.asarray(_validate.matrix("private", private), np.float32)
+    from pejax.neighbors import nearest_neighbors
+
+    best_d = np.full(len(flat), np.inf)
+    best = np.zeros_like(flat)
+    for start in range(0, num_random, batch):
+        size = min(batch, num_random - start)
+        samples = generator.random(jax.random.fold_in(key, start), int(label), size)
+        emb = np.asarray(embed(generator.to_images(samples)), np.float32)
+        if emb.ndim != 2 or emb.shape != (size, flat.shape[1]):
+            raise ValueError(
+                f"embed must return ({size}, {flat.shape[1]}) embeddings for {size} images (the width of "
+                f"private), got shape {emb.shape}."
+            )
+        nearest = nearest_neighbors(flat, emb, k=1)
+        dist = np.asarray(nearest.distances[:, 0])
+        idx = np.asarray(nearest.indices[:, 0])
+        closer = dist < best_d
+        best_d[closer] = dist[closer]
+        best[closer] = emb[idx[closer]]
+    return best
+
+
+__all__ = [
+    "choose_classifier_c",
+    "downstream_accuracy",
+    "frechet_distance",
+    "nearest_random_samples",
+]

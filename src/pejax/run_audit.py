@@ -68,6 +68,7 @@ class PointGenerator:
     """
 
     name = "audit-points"
+    modality = "image"
 
     def __init__(self, dim: int = 2):
         self.dim = _validate.positive_int("dim", dim)

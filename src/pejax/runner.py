@@ -39,7 +39,6 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
@@ -52,8 +51,9 @@ from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import SpeedConfig
 from pejax.config import to_dict
+from pejax.errors import CheckpointMismatchError as CheckpointMismatchError
+from pejax.errors import WeakDeltaWarning as WeakDeltaWarning
 from pejax.generators._checked import CheckedGenerator
-from pejax.mechanism import PejaxWarning
 from pejax.mechanism import add_discrete_gaussian_noise
 from pejax.secure_noise import NoiseKey
 from pejax.votes import NEIGHBORING_RELATION_GROUP
@@ -73,14 +73,6 @@ NOT_DP_NOTICE = (
     "NOT a differentially private release: privacy.noise_seed made the noise reproducible, so anyone who knows "
     "the seed can subtract it. Remove privacy.noise_seed for a private run."
 )
-
-
-class WeakDeltaWarning(PejaxWarning):
-    """delta >= 1/n: a mechanism could then publish a private sample outright and still meet (epsilon, delta)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was written by a run with another configuration, generator, key or private data."""
 
 
 @dataclasses.dataclass
@@ -673,7 +665,7 @@ class PrivateEvolution:
           ForeignCheckpointError: without ``resume``, ``checkpoint_dir`` holds another run's checkpoints.
           GeneratorError: the generator failed permanently (the last checkpoint stays valid).
         """
-        _check_public_key(key)
+        _validate.check_key(key)
         if noise_key is not None and not isinstance(noise_key, NoiseKey):
             raise TypeError(
                 f"noise_key must be a pejax.secure_noise.NoiseKey or None, got {type(noise_key).__name__}."
@@ -922,15 +914,6 @@ class PrivateEvolution:
             dp_release=dp_release,
             neighboring_relation=plan.relation,
             delta_rule=plan.delta_rule,
-        )
-
-
-def _check_public_key(key) -> None:
-    if not isinstance(key, jax.Array) or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)
-    ):
-        raise TypeError(
-            f"key must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__}."
         )
 
 

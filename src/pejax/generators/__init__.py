@@ -4,10 +4,13 @@ Adapters with heavy dependencies (Pillow fonts, Flax, torch, diffusers, transfor
 ``import pejax.generators`` stays light: ``pejax.generators.GlyphSimulator`` loads the glyph module on first use.
 """
 
+from pejax.errors import GeneratorError
+from pejax.errors import GeneratorRetryWarning
 from pejax.generators._checked import CheckedGenerator
-from pejax.generators._checked import GeneratorError
-from pejax.generators._checked import GeneratorRetryWarning
+from pejax.generators._protocol import MODALITIES
 from pejax.generators._protocol import Generator
+from pejax.generators._protocol import ImageGenerator
+from pejax.generators._protocol import TextGenerator
 
 _LAZY = {
     "GlyphSimulator": "pejax.generators.glyphs",
@@ -33,6 +36,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "MODALITIES",
     "CausalLMTextGenerator",
     "CheckedGenerator",
     "DiffusersGenerator",
@@ -43,8 +47,10 @@ __all__ = [
     "GlyphParams",
     "GlyphPrior",
     "GlyphSimulator",
+    "ImageGenerator",
     "OpenAIChatGenerator",
     "StableDiffusionGenerator",
+    "TextGenerator",
     "UNet",
     "UNetConfig",
     "default_fonts",

@@ -10,15 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
-from pejax.mechanism import PejaxWarning
-
-
-class GeneratorError(RuntimeError):
-    """A generator call failed permanently or returned something malformed."""
-
-
-class GeneratorRetryWarning(PejaxWarning):
-    """A generator call failed and is being retried."""
+from pejax.errors import GeneratorError as GeneratorError
+from pejax.errors import GeneratorRetryWarning as GeneratorRetryWarning
+from pejax.generators._protocol import MODALITIES
 
 
 def _leading(samples) -> set[int]:
@@ -30,33 +24,37 @@ class CheckedGenerator:
     """Wraps a :class:`pejax.generators.Generator` so that every call is checked and retried.
 
     Checks after each call: the samples pytree is non-empty with one leading size equal to the number asked
-    for; ``to_images`` gives a float array (N, H, W, C) with C in {1, 3}, finite, in [0, 1] (values within 1e-3
-    of the range are clipped), with the same (H, W, C) on every call. Exceptions raised by the generator are
+    for. For an image generator (``modality = "image"``, the default when the generator has no ``modality``),
+    ``to_images`` gives a float array (N, H, W, C) with C in {1, 3}, finite, in [0, 1] (values within 1e-3 of
+    the range are clipped), with the same (H, W, C) on every call. For a text generator (``modality = "text"``)
+    the samples themselves are a uint8 array (N, L) of UTF-8 bytes, what text embeddings read. Exceptions raised by the generator are
     retried ``retries`` times with exponential backoff (same key, so a deterministic generator gives the same
     result); ``ValueError``/``TypeError`` (the generator refusing its arguments) and malformed output are not
     retried.
     """
 
     def __init__(self, generator, *, retries: int = 2, backoff_s: float = 0.5):
-        for method in ("random", "variation", "to_images"):
+        self.name = str(getattr(generator, "name", type(generator).__name__))
+        self.modality = getattr(generator, "modality", "image")
+        if self.modality not in MODALITIES:
+            raise ValueError(
+                f"generator {self.name!r} has modality {self.modality!r}; pejax knows {MODALITIES} "
+                "(set the generator's modality attribute to one of them)."
+            )
+        render = "to_images" if self.modality == "image" else "to_texts"
+        for method in ("random", "variation", render):
             if not callable(getattr(generator, method, None)):
                 raise TypeError(
-                    f"generator {type(generator).__name__} has no method {method}(); a pejax generator "
-                    "implements random(key, label, num_samples), variation(key, samples, label, degree) and "
-                    "to_images(samples)."
+                    f"generator {type(generator).__name__} has no method {method}(); a pejax "
+                    f"{self.modality} generator implements random(key, label, num_samples), "
+                    f"variation(key, samples, label, degree) and {render}(samples)."
                 )
         self.inner = generator
-        self.name = str(getattr(generator, "name", type(generator).__name__))
         self.retries = retries
         self.backoff_s = backoff_s
         self.image_shape: tuple[int, int, int] | None = None
-        self.modality = str(getattr(generator, "modality", "image"))
         # JAX generators compile per batch size; the engine then calls them at shared padded sizes.
         self.batch_buckets = bool(getattr(generator, "batch_buckets", False))
-        if self.modality not in ("image", "text"):
-            raise ValueError(
-                f"generator {self.name!r} has modality {self.modality!r}; pejax knows 'image' and 'text'."
-            )
 
     def _call(self, what: str, fn, *args):
         wait = self.backoff_s
@@ -96,7 +94,11 @@ class CheckedGenerator:
         return samples
 
     def images(self, samples, what: str = "to_images") -> jax.Array:
-        """Renders samples through the generator and checks the images."""
+        """Renders samples through the image generator's ``to_images`` and checks the images."""
+        if self.modality != "image":
+            raise TypeError(
+                f"generator {self.name!r} makes {self.modality} (modality {self.modality!r}); it has no images."
+            )
         expected = _leading(samples).pop()
         images = self._call(what, self.inner.to_images, samples)
         shape = tuple(np.shape(images))
@@ -132,18 +134,39 @@ class CheckedGenerator:
             return _validate.to_device(np.clip(images.astype(np.float32), 0.0, 1.0))
         return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
 
-    def render(self, samples, what: str = "to_images") -> jax.Array:
-        """What the embedding sees: checked images, or for text generators the (N, L) uint8 UTF-8 bytes."""
-        if self.modality == "image":
-            return self.images(samples, what)
-        arr = samples
-        shape = tuple(np.shape(arr))
-        if len(shape) != 2 or np.asarray(arr).dtype != np.uint8:
+    def text_bytes(self, samples) -> jax.Array:
+        """A text generator's samples, checked: the (N, L) uint8 UTF-8 bytes that text embeddings read."""
+        if self.modality != "text":
+            raise TypeError(
+                f"generator {self.name!r} makes {self.modality}s (modality {self.modality!r}), not text."
+            )
+        shape = tuple(np.shape(samples))
+        if len(shape) != 2 or np.asarray(samples).dtype != np.uint8:
             raise GeneratorError(
                 f"text generator {self.name!r} must make samples as a uint8 array (N, L) of UTF-8 bytes "
-                f"(see pejax.generators.text_codec), got {getattr(arr, 'dtype', type(arr))} {shape}."
+                f"(see pejax.generators.text_codec), got {getattr(samples, 'dtype', type(samples))} {shape}."
             )
-        return jnp.asarray(arr)
+        return jnp.asarray(samples)
+
+    def texts(self, samples) -> list[str]:
+        """A text generator's samples decoded to strings through its ``to_texts`` (N strings)."""
+        expected = int(np.shape(self.text_bytes(samples))[0])
+        texts = self._call("to_texts", self.inner.to_texts, samples)
+        if not isinstance(texts, list) or len(texts) != expected:
+            raise GeneratorError(
+                f"generator {self.name!r}: to_texts must return a list of {expected} strings, got "
+                f"{type(texts).__name__} of length {len(texts) if hasattr(texts, '__len__') else '?'}."
+            )
+        if not all(isinstance(t, str) for t in texts):
+            raise GeneratorError(f"generator {self.name!r}: to_texts returned a non-string.")
+        return texts
+
+    def render(self, samples, what: str = "to_images") -> jax.Array:
+        """What the embedding sees: checked images (:meth:`images`, through the generator's ``to_images``) for
+        an image generator; the checked samples themselves (:meth:`text_bytes`) for a text generator."""
+        if self.modality == "image":
+            return self.images(samples, what)
+        return self.text_bytes(samples)
 
     def random(self, key, label: int, num_samples: int):
         what = f"random(label={label}, num_samples={num_samples})"

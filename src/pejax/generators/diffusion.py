@@ -42,18 +42,10 @@ This module imports flax and orbax; ``import pejax`` does not import it.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import math
 import numbers
 import os
-import pathlib
-import shutil
 from collections.abc import Callable
-from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,330 +53,23 @@ import numpy as np
 from flax import nnx
 
 from pejax import _validate
-from pejax.checkpoint import CorruptCheckpointError
-
-SCHEDULES = ("linear", "cosine")
-"""Noise schedule kinds of :class:`ScheduleConfig`."""
-
-SAMPLERS = ("ddim", "ddpm")
-"""``"ddim"``: deterministic (eta 0); ``"ddpm"``: ancestral (eta 1)."""
-
-CHECKPOINT_FORMAT = "pejax-flax-diffusion"
-CHECKPOINT_VERSION = 1
-CONFIG_FILE = "config.json"
-ORBAX_DIR = "params"
-MSGPACK_FILE = "params.msgpack"
-_ETA = {"ddim": 0.0, "ddpm": 1.0}
-
-
-class ModelCheckpointError(CorruptCheckpointError):
-    """A model checkpoint is unreadable, incomplete, or does not fit the model's architecture."""
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Noise schedules.
-
-
-class NoiseSchedule(NamedTuple):
-    """A discrete forward-noise schedule over ``T`` timesteps (a pytree).
-
-    Attributes:
-      betas: (T,) float32, the per-step noise variances ``beta_t`` in (0, 1).
-      alphas_cumprod: (T,) float32, ``abar_t = prod_{s <= t} (1 - beta_s)``, strictly decreasing.
-    """
-
-    betas: jax.Array
-    alphas_cumprod: jax.Array
-
-
-def _from_betas(betas: np.ndarray) -> NoiseSchedule:
-    return NoiseSchedule(
-        betas=jnp.asarray(betas, jnp.float32),
-        alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas), jnp.float32),
-    )
-
-
-def linear_schedule(
-    num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> NoiseSchedule:
-    """The DDPM linear schedule: ``beta_t`` evenly spaced from ``beta_start`` to ``beta_end``.
-
-    The endpoints are used as given (no rescaling by ``1000 / T``); computed in float64, stored as float32.
-
-    Args:
-      num_timesteps: T >= 2.
-      beta_start: beta_0, in (0, 1).
-      beta_end: beta_{T-1}, in [beta_start, 1).
-
-    Returns:
-      a :class:`NoiseSchedule`.
-
-    Raises:
-      ValueError, TypeError: bad arguments.
-
-    Example:
-      >>> s = linear_schedule(1000)
-      >>> round(float(s.betas[0]), 6), round(float(s.alphas_cumprod[-1]), 7)
-      (0.0001, 4.04e-05)
-    """
-    num_timesteps = _validate.positive_int("num_timesteps", num_timesteps, minimum=2)
-    b0 = _validate.finite_float("beta_start", beta_start, minimum=0.0, strict=True)
-    b1 = _validate.finite_float("beta_end", beta_end, minimum=b0)
-    if b1 >= 1.0:
-        raise ValueError(f"beta_end must be < 1, got {b1}; the DDPM value is 0.02.")
-    return _from_betas(np.linspace(b0, b1, num_timesteps, dtype=np.float64))
-
-
-def cosine_schedule(
-    num_timesteps: int, *, offset: float = 0.008, max_beta: float = 0.999
-) -> NoiseSchedule:
-    """The cosine schedule of Nichol & Dhariwal (2021).
-
-    ``abar(t) = f(t) / f(0)`` with ``f(t) = cos^2(pi/2 (t/T + offset) / (1 + offset))``, as betas
-    ``beta_t = min(1 - abar(t + 1) / abar(t), max_beta)`` for ``t = 0..T-1``; computed in float64.
-
-    Args:
-      num_timesteps: T >= 2.
-      offset: the small offset ``s`` that keeps beta_0 away from 0.
-      max_beta: upper clip of the betas, in (0, 1).
-
-    Returns:
-      a :class:`NoiseSchedule`.
-
-    Raises:
-      ValueError, TypeError: bad arguments.
-
-    Example:
-      >>> s = cosine_schedule(1000)
-      >>> round(float(s.betas[-1]), 3)
-      0.999
-    """
-    num_timesteps = _validate.positive_int("num_timesteps", num_timesteps, minimum=2)
-    offset = _validate.finite_float("offset", offset, minimum=0.0, strict=True)
-    max_beta = _validate.finite_float("max_beta", max_beta, minimum=0.0, strict=True)
-    if max_beta >= 1.0:
-        raise ValueError(f"max_beta must be < 1, got {max_beta}; the usual value is 0.999.")
-    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
-    f = np.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
-    betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
-    return _from_betas(betas)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ScheduleConfig:
-    """A noise schedule by name (what a checkpoint records so sampling uses the training schedule).
-
-    Attributes:
-      kind: ``"cosine"`` (:func:`cosine_schedule`) or ``"linear"`` (:func:`linear_schedule`).
-      num_timesteps: T, the number of training timesteps.
-      beta_start: linear schedule's first beta.
-      beta_end: linear schedule's last beta.
-      cosine_offset: cosine schedule's offset ``s``.
-    """
-
-    kind: str = "cosine"
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    cosine_offset: float = 0.008
-
-    def __post_init__(self):
-        _validate.one_of("schedule.kind", self.kind, SCHEDULES)
-        _validate.positive_int("schedule.num_timesteps", self.num_timesteps, minimum=2)
-        self.build()  # validates the numbers
-
-    def build(self) -> NoiseSchedule:
-        """Returns the :class:`NoiseSchedule`."""
-        if self.kind == "linear":
-            return linear_schedule(
-                self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end
-            )
-        return cosine_schedule(self.num_timesteps, offset=self.cosine_offset)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ScheduleConfig:
-        """Reads :meth:`to_dict` output back, refusing unknown keys."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(values, dict) or set(values) - fields:
-            raise ValueError(
-                f"a schedule must be a dict with keys among {sorted(fields)}, got {values!r}."
-            )
-        return cls(**values)
-
-
-def add_noise(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """The forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
-
-    Args:
-      schedule: the noise schedule.
-      x0: (N, ...) clean data (in [-1, 1] for images).
-      t: (N,) integer timesteps in [0, T).
-      noise: standard normal noise of the shape of ``x0``.
-
-    Returns:
-      (N, ...) float32 noisy data.
-    """
-    ab = schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)]
-    ab = ab.reshape((-1,) + (1,) * (jnp.ndim(x0) - 1))
-    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
-
-
-def denoising_loss(
-    model: Callable[..., jax.Array],
-    schedule: NoiseSchedule,
-    key: jax.Array,
-    x0: jax.Array,
-    y: jax.Array | None = None,
-) -> jax.Array:
-    """The DDPM training loss: mean squared error of the predicted noise, t uniform in [0, T).
-
-    Args:
-      model: ``eps = model(x_t, t, y)`` (an nnx module or any function).
-      schedule: the noise schedule.
-      key: ``jax.random`` key for the timesteps and the noise.
-      x0: (N, H, W, C) float32 clean images in [-1, 1].
-      y: (N,) int32 labels, or ``None`` for an unconditional model.
-
-    Returns:
-      scalar float32 loss.
-    """
-    k_t, k_eps = jax.random.split(key)
-    n = x0.shape[0]
-    t = jax.random.randint(k_t, (n,), 0, schedule.betas.shape[0], dtype=jnp.int32)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    pred = model(add_noise(schedule, x0, t, eps), t, y)
-    return jnp.mean((pred - eps) ** 2)
-
-
-def sampling_grid(num_timesteps: int, num_steps: int, strength: float = 1.0) -> np.ndarray:
-    """The descending timesteps a sampler visits: ``t0 = round(strength * (T - 1))`` down to 0.
-
-    ``max(1, round(strength * num_steps))`` evenly spaced (rounded) timesteps from ``t0`` to 0, at most
-    ``t0 + 1`` of them so they stay distinct (a one-step grid is ``[t0]``: one step from ``t0`` straight to
-    the predicted clean image). The sampler's step after the grid's last timestep goes to ``abar = 1``.
-
-    Args:
-      num_timesteps: T.
-      num_steps: grid length for ``strength = 1``.
-      strength: fraction of the trajectory, in [0, 1].
-
-    Returns:
-      (n,) int32, strictly decreasing, starting at ``t0``, ending at 0 when ``n > 1``.
-
-    Example:
-      >>> sampling_grid(1000, 5).tolist()
-      [999, 749, 500, 250, 0]
-      >>> sampling_grid(1000, 10, 0.3).tolist()
-      [300, 150, 0]
-    """
-    num_timesteps = _validate.positive_int("num_timesteps", num_timesteps, minimum=2)
-    num_steps = _validate.positive_int("num_steps", num_steps)
-    strength = _validate.finite_float("strength", strength, minimum=0.0)
-    if strength > 1.0:
-        raise ValueError(f"strength must lie in [0, 1], got {strength}.")
-    t0 = round(strength * (num_timesteps - 1))
-    n = min(max(1, round(strength * num_steps)), t0 + 1)
-    return np.round(np.linspace(t0, 0, n)).astype(np.int32)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The jitted sampler kernel.
-
-
-def _per_sample_normal(keys: jax.Array, stream: jax.Array | int, shape) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape, jnp.float32))(
-        keys
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "clip"))
-def _sample(
-    graphdef,
-    state,
-    x0: jax.Array,
-    keys: jax.Array,
-    y: jax.Array | None,
-    grid: jax.Array,
-    start: jax.Array,
-    abar_start: jax.Array,
-    alphas_cumprod: jax.Array,
-    eta: jax.Array,
-    *,
-    clip: bool,
-) -> jax.Array:
-    """Noises ``x0`` to ``abar_start`` and runs grid steps ``start..S-1`` (a dynamic trip count).
-
-    ``grid`` (S,) int32 holds the timesteps (entries before ``start`` are unused); the step after the last
-    one goes to ``abar = 1``. Returns (N, H, W, C) float32 in [-1, 1].
-    """
-    n = x0.shape[0]
-    num_steps = grid.shape[0]
-    shape = x0.shape[1:]
-    z0 = _per_sample_normal(keys, 0, shape)
-    x = jnp.sqrt(abar_start) * x0 + jnp.sqrt(1.0 - abar_start) * z0
-    prev = jnp.concatenate([grid[1:], jnp.array([-1], jnp.int32)])
-
-    def step(i, x):
-        t, s = grid[i], prev[i]
-        ab_t = alphas_cumprod[t]
-        ab_s = jnp.where(s >= 0, alphas_cumprod[jnp.maximum(s, 0)], 1.0)
-        model = nnx.merge(
-            graphdef, state
-        )  # per step: a module that mutates state stays in this trace
-        eps = model(x, jnp.full((n,), t, jnp.int32), y).astype(jnp.float32)
-        x0_hat = (x - jnp.sqrt(1.0 - ab_t) * eps) / jnp.sqrt(ab_t)
-        if clip:
-            x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-            eps = (x - jnp.sqrt(ab_t) * x0_hat) / jnp.sqrt(1.0 - ab_t)
-        sigma = eta * jnp.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
-        direction = jnp.sqrt(jnp.maximum(1.0 - ab_s - sigma**2, 0.0)) * eps
-        z = _per_sample_normal(keys, i - start + 1, shape)  # grid step j = i - start
-        return jnp.sqrt(ab_s) * x0_hat + direction + sigma * z
-
-    x = jax.lax.fori_loop(start, num_steps, step, x)
-    return jnp.clip(x, -1.0, 1.0)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The generator.
-
-
-def _check_key(key: Any) -> jax.Array:
-    if key is None:
-        raise TypeError("key is required: pass a jax.random key, e.g. jax.random.key(0).")
-    if not isinstance(key, jax.Array) or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)
-    ):
-        raise TypeError(
-            f"key must be a jax.random key (e.g. jax.random.key(0)), got {type(key).__name__}."
-        )
-    return key
-
-
-def _image_shape(value: Any) -> tuple[int, int, int]:
-    if (
-        not isinstance(value, Sequence)
-        or len(value) != 3
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)
-        or min(value) < 1
-        or value[2] not in (1, 3)
-    ):
-        raise ValueError(
-            f"image_shape must be (H, W, C) positive integers with C 1 (grey) or 3 (RGB), got {value!r}; "
-            "e.g. image_shape=(16, 16, 1)."
-        )
-    return tuple(int(v) for v in value)
-
-
-def _bucket(n: int, batch_size: int) -> int:
-    """Rows of a compiled batch: batch_size, or the next power of two >= n (at least 8) when smaller."""
-    if n >= batch_size:
-        return batch_size
-    return min(batch_size, max(8, 1 << (n - 1).bit_length()))
+from pejax.buckets import bucket_size
+from pejax.errors import ModelCheckpointError as ModelCheckpointError
+from pejax.generators._diffusion_checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
+from pejax.generators._diffusion_checkpoint import _image_shape
+from pejax.generators._diffusion_checkpoint import load_model as load_model
+from pejax.generators._diffusion_checkpoint import save_checkpoint as save_checkpoint
+from pejax.generators._diffusion_schedule import _ETA
+from pejax.generators._diffusion_schedule import SAMPLERS as SAMPLERS
+from pejax.generators._diffusion_schedule import SCHEDULES as SCHEDULES
+from pejax.generators._diffusion_schedule import NoiseSchedule as NoiseSchedule
+from pejax.generators._diffusion_schedule import ScheduleConfig as ScheduleConfig
+from pejax.generators._diffusion_schedule import _sample
+from pejax.generators._diffusion_schedule import add_noise as add_noise
+from pejax.generators._diffusion_schedule import cosine_schedule as cosine_schedule
+from pejax.generators._diffusion_schedule import denoising_loss as denoising_loss
+from pejax.generators._diffusion_schedule import linear_schedule as linear_schedule
+from pejax.generators._diffusion_schedule import sampling_grid as sampling_grid
 
 
 class FlaxDiffusionGenerator:
@@ -590,7 +275,7 @@ class FlaxDiffusionGenerator:
         )
         eta = jnp.float32(_ETA[self.sampler])
         n = x0.shape[0]
-        rows = _bucket(n, self.batch_size)
+        rows = bucket_size(n, minimum=8, maximum=self.batch_size)
         outs = []
         for begin in range(0, n, rows):
             idx = jnp.arange(begin, begin + rows)
@@ -631,7 +316,7 @@ class FlaxDiffusionGenerator:
         Raises:
           TypeError, ValueError: a missing key, a bad label or num_samples.
         """
-        key = _check_key(key)
+        key = _validate.check_key(key)
         label = self._check_label(label)
         num_samples = _validate.positive_int("num_samples", num_samples)
         x0 = jnp.zeros((num_samples, *self.image_shape), jnp.float32)
@@ -653,7 +338,7 @@ class FlaxDiffusionGenerator:
         Raises:
           TypeError, ValueError: a missing key, a bad label, degree or samples.
         """
-        key = _check_key(key)
+        key = _validate.check_key(key)
         label = self._check_label(label)
         strength = self.strength(degree)
         images = self._check_images(samples)
@@ -702,263 +387,6 @@ class FlaxDiffusionGenerator:
         if config.get("num_classes") is not None:
             kwargs.setdefault("num_classes", int(config["num_classes"]))
         return cls(model, num_steps=num_steps, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-_SAVED = nnx.Not(nnx.RngState)  # everything but RNG streams (parameters, batch statistics, ...)
-
-
-def _flat(tree) -> dict[str, Any]:
-    """{'a/b/0': leaf} with every key as a string (orbax and msgpack turn int keys into strings)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for p in path:
-            k = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-            parts.append(str(k))
-        out["/".join(parts)] = leaf
-    return out
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: nnx.Module,
-    *,
-    image_shape: tuple[int, int, int],
-    schedule: ScheduleConfig,
-    class_conditional: bool | None = None,
-    num_classes: int | None = None,
-    params_format: str = "orbax",
-    metadata: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> pathlib.Path:
-    """Writes a model checkpoint folder (config JSON beside orbax or msgpack parameters).
-
-    The folder is assembled under a temporary name and renamed into place, so ``path`` never holds a
-    half-written checkpoint. The architecture is recorded when ``model`` is a pejax
-    :class:`~pejax.generators.unet.UNet`; other models must be passed to ``from_checkpoint(model=...)``.
-
-    Args:
-      path: the folder to create.
-      model: the nnx module (its state except RNG streams is saved).
-      image_shape: (H, W, C) of the images.
-      schedule: the training noise schedule.
-      class_conditional: whether the model takes labels; ``None`` infers it as the generator does.
-      num_classes: number of classes of a class-conditional model (``None``: ``model.config.num_classes``).
-      params_format: ``"orbax"`` (``params/``, orbax ``StandardCheckpointer``) or ``"msgpack"``
-        (``params.msgpack``, ``flax.serialization``).
-      metadata: JSON-serialisable facts to record (training steps, data source, ...).
-      overwrite: replace an existing folder at ``path``.
-
-    Returns:
-      the checkpoint path.
-
-    Raises:
-      FileExistsError: ``path`` exists and ``overwrite`` is False.
-      ValueError, TypeError: bad arguments.
-    """
-    from pejax.generators.unet import UNet
-
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}.")
-    _validate.one_of("params_format", params_format, ("orbax", "msgpack"))
-    if not isinstance(schedule, ScheduleConfig):
-        raise TypeError(f"schedule must be a ScheduleConfig, got {type(schedule).__name__}.")
-    image_shape = _image_shape(image_shape)
-    model_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if class_conditional is None:
-        class_conditional = model_classes is not None
-    if num_classes is None:
-        num_classes = model_classes
-    path = pathlib.Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"checkpoint folder {str(path)!r} already exists; choose a new path or pass overwrite=True."
-        )
-    doc = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "params": params_format,
-        "image_shape": list(image_shape),
-        "schedule": schedule.to_dict(),
-        "class_conditional": bool(class_conditional),
-        "num_classes": None if num_classes is None else int(num_classes),
-        "model": "unet" if isinstance(model, UNet) else type(model).__name__,
-        "unet": model.config.to_dict() if isinstance(model, UNet) else None,
-        "metadata": metadata or {},
-    }
-    text = json.dumps(doc, indent=2, sort_keys=True)  # fails early on non-JSON metadata
-    state = nnx.to_pure_dict(nnx.state(model, _SAVED))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        if params_format == "orbax":
-            import orbax.checkpoint as ocp
-
-            with ocp.StandardCheckpointer() as ckptr:
-                ckptr.save(tmp / ORBAX_DIR, state)
-                ckptr.wait_until_finished()
-        else:
-            from flax import serialization
-
-            (tmp / MSGPACK_FILE).write_bytes(serialization.msgpack_serialize(_host(state)))
-        (tmp / CONFIG_FILE).write_text(text)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _host(tree):
-    return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
-
-
-def _read_config(path: pathlib.Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model checkpoint {str(path)!r} does not exist; pass the folder written by "
-            "pejax.generators.diffusion.save_checkpoint (it holds config.json and params/)."
-        )
-    if not path.is_dir():
-        raise ModelCheckpointError(
-            f"model checkpoint {str(path)!r} is a file; a checkpoint is a folder with {CONFIG_FILE}."
-        )
-    cfg_path = path / CONFIG_FILE
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except FileNotFoundError as e:
-        raise ModelCheckpointError(
-            f"{str(path)!r} is not a pejax diffusion checkpoint: it has no {CONFIG_FILE}."
-        ) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelCheckpointError(f"{str(cfg_path)!r} is not valid JSON ({e}).") from e
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise ModelCheckpointError(
-            f"{str(cfg_path)!r} does not describe a {CHECKPOINT_FORMAT!r} checkpoint."
-        )
-    if doc.get("version") != CHECKPOINT_VERSION:
-        raise ModelCheckpointError(
-            f"{str(cfg_path)!r} has version {doc.get('version')!r}; this pejax reads version "
-            f"{CHECKPOINT_VERSION}."
-        )
-    missing = [
-        k for k in ("params", "image_shape", "schedule", "class_conditional") if k not in doc
-    ]
-    if missing:
-        raise ModelCheckpointError(f"{str(cfg_path)!r} lacks the entries {missing}.")
-    return doc
-
-
-def _read_params(path: pathlib.Path, doc: dict[str, Any]):
-    fmt = doc["params"]
-    try:
-        if fmt == "orbax":
-            target = path / ORBAX_DIR
-            if not target.is_dir():
-                raise ModelCheckpointError(
-                    f"model checkpoint {str(path)!r} is incomplete: {ORBAX_DIR}/ is missing."
-                )
-            import orbax.checkpoint as ocp
-
-            with ocp.StandardCheckpointer() as ckptr:
-                return ckptr.restore(target)
-        if fmt == "msgpack":
-            from flax import serialization
-
-            target = path / MSGPACK_FILE
-            if not target.is_file():
-                raise ModelCheckpointError(
-                    f"model checkpoint {str(path)!r} is incomplete: {MSGPACK_FILE} is missing."
-                )
-            return serialization.msgpack_restore(target.read_bytes())
-    except ModelCheckpointError:
-        raise
-    except Exception as e:  # orbax/tensorstore/msgpack raise many types for damaged files
-        raise ModelCheckpointError(
-            f"the parameters of model checkpoint {str(path)!r} are unreadable or damaged "
-            f"({type(e).__name__}: {str(e)[:300]})."
-        ) from e
-    raise ModelCheckpointError(
-        f"{str(path / CONFIG_FILE)!r} names an unknown parameter format {fmt!r}."
-    )
-
-
-def load_model(
-    path: str | os.PathLike, *, model: nnx.Module | None = None
-) -> tuple[nnx.Module, dict[str, Any]]:
-    """Restores the model of a checkpoint folder; returns ``(model, config dict)``.
-
-    Args:
-      path: the checkpoint folder.
-      model: a module of the checkpoint's architecture (its state is not modified: a new module is returned);
-        ``None`` rebuilds the recorded pejax UNet.
-
-    Returns:
-      the restored module and the checkpoint's ``config.json`` contents.
-
-    Raises:
-      FileNotFoundError: ``path`` does not exist.
-      ModelCheckpointError: see :meth:`FlaxDiffusionGenerator.from_checkpoint`.
-    """
-    from pejax.generators.unet import UNet
-    from pejax.generators.unet import UNetConfig
-
-    path = pathlib.Path(path).absolute()
-    doc = _read_config(path)
-    if model is None:
-        if doc.get("unet") is None:
-            raise ValueError(
-                f"checkpoint {str(path)!r} holds a {doc.get('model')!r} model, not a pejax UNet: pass "
-                "model=<a module of that architecture> to restore its parameters into."
-            )
-        try:
-            unet_config = UNetConfig.from_dict(doc["unet"])
-        except (TypeError, ValueError) as e:
-            raise ModelCheckpointError(
-                f"{str(path / CONFIG_FILE)!r} has an invalid UNet architecture: {e}"
-            ) from e
-        model = nnx.eval_shape(lambda: UNet(unet_config, rngs=nnx.Rngs(0)))
-    elif not isinstance(model, nnx.Module):
-        raise TypeError(f"model must be a flax.nnx.Module or None, got {type(model).__name__}.")
-    graphdef, saved, rest = nnx.split(model, _SAVED, ...)
-    target = nnx.to_pure_dict(saved)
-    loaded = _flat(_read_params(path, doc))
-    expected = _flat(target)
-    problems = []
-    missing = sorted(set(expected) - set(loaded))
-    extra = sorted(set(loaded) - set(expected))
-    if missing:
-        problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if extra:
-        problems.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    for k in sorted(set(expected) & set(loaded)):
-        want, got = expected[k], loaded[k]
-        if tuple(np.shape(got)) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-            problems.append(
-                f"{k}: checkpoint {np.dtype(got.dtype)}{list(np.shape(got))}, model "
-                f"{np.dtype(want.dtype)}{list(want.shape)}"
-            )
-    if problems:
-        raise ModelCheckpointError(
-            f"the parameters in {str(path)!r} do not fit the model's architecture: "
-            + "; ".join(problems[:8])
-            + (" ..." if len(problems) > 8 else "")
-            + ". Was it written for another architecture, or is it damaged?"
-        )
-    keys = list(expected)  # in the flattening order of ``target``
-    restored = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(target),
-        [jnp.asarray(np.asarray(loaded[k])) for k in keys],  # uncommitted, as freshly built
-    )
-    nnx.replace_by_pure_dict(saved, restored)
-    return nnx.merge(graphdef, saved, rest), doc
 
 
 __all__ = [

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _torch_bridge as tb
+from pejax import _validate
 
 _EXTRA = "diffusers"
 _UNET_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
@@ -319,7 +320,7 @@ class DiffusersGenerator:
         Returns:
           float32 (N, H, W, C) images in [0, 1].
         """
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         n = _check_count("num_samples", num_samples)
         labels = self._labels(label, n)
         self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
@@ -346,7 +347,7 @@ class DiffusersGenerator:
         Returns:
           float32 (N, H, W, C) images in [0, 1].
         """
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         images = _check_images("samples", samples, self.image_shape)
         d = _check_degree(degree)
         n = images.shape[0]
@@ -573,7 +574,7 @@ class StableDiffusionGenerator:
         Returns:
           float32 (N, H, W, 3) images in [0, 1].
         """
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         n = _check_count("num_samples", num_samples)
         prompt = tb.prompt_for(self.prompts, label)
         h, w, _ = self.image_shape
@@ -596,7 +597,7 @@ class StableDiffusionGenerator:
         Returns:
           float32 (N, H, W, 3) images in [0, 1].
         """
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         images = _check_images("samples", samples, self.image_shape)
         d = _check_degree(degree)
         prompt = tb.prompt_for(self.prompts, label)

@@ -68,7 +68,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _torch_bridge as tb
-from pejax.generators._checked import GeneratorError
+from pejax import _validate
+from pejax.errors import APIRequestRejectedError as APIRequestRejectedError
+from pejax.errors import APIUnavailableError as APIUnavailableError
+from pejax.errors import CompletionError as CompletionError
 from pejax.generators._rate_limit import RateLimiter
 from pejax.generators._response_cache import ResponseCache
 from pejax.generators._response_cache import request_key
@@ -116,18 +119,6 @@ USAGE_COUNTERS = (
 """Keys of :meth:`OpenAIChatGenerator.usage` besides ``cost`` and ``rate_limit_wait_s``."""
 
 _SEED_MOD = 2**31 - 1  # request seeds fit a signed 32-bit int, which every server accepts
-
-
-class APIRequestRejectedError(GeneratorError, ValueError):
-    """The endpoint refused a request with a client error (400, 401, 403, 404, ...): not retried."""
-
-
-class APIUnavailableError(GeneratorError):
-    """A request still failed (429, 5xx, timeout, dropped connection) after every retry."""
-
-
-class CompletionError(GeneratorError, ValueError):
-    """Every answer to a request (and its repairs) was empty, refused, non-text or truncated."""
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -568,20 +559,14 @@ class OpenAIChatGenerator:
 
     def random_requests(self, key: jax.Array, label: int, num_samples: int) -> list[dict[str, Any]]:
         """The request bodies :meth:`random` would send first (one per sample; repairs not included)."""
-        jobs = self._random_jobs(tb.check_key(key), label, _int("num_samples", num_samples, 0))
+        jobs = self._random_jobs(
+            _validate.check_key(key), label, _int("num_samples", num_samples, 0)
+        )
         return [self._body(j, 0)[0] for j in jobs]
 
     def to_texts(self, samples: Any) -> list[str]:
         """Decodes samples (uint8 (N, L) UTF-8 bytes) to N strings."""
         return decode_texts(samples)
-
-    def to_images(self, samples: Any):
-        """Text samples have no images: always raises TypeError (the runner embeds the bytes directly)."""
-        del samples
-        raise TypeError(
-            f"generator {self.name!r} makes text (modality 'text'); it has no images. Embed its samples with "
-            "a text embedding such as pejax.hf_embeddings.SentenceTransformerEmbedding."
-        )
 
     def close(self) -> None:
         """Closes the response cache file."""
@@ -669,7 +654,7 @@ class OpenAIChatGenerator:
         if isinstance(key, jax.core.Tracer):
             # Shape-only evaluation (jax.eval_shape, e.g. the runner restoring a checkpoint): send nothing.
             return jnp.zeros((n, self.max_bytes), jnp.uint8)
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         jobs = self._random_jobs(key, label, n)
         return self._encode(self._run(jobs, f"random class {label}"))
 
@@ -697,7 +682,7 @@ class OpenAIChatGenerator:
         d = _num("degree", degree, 0.0, 1.0)
         if isinstance(key, jax.core.Tracer) or isinstance(samples, jax.core.Tracer):
             return jnp.zeros(arr.shape, jnp.uint8)
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         tb.prompt_for(self.prompts, label)
         if d == 0.0 or arr.shape[0] == 0:
             return jnp.asarray(arr)

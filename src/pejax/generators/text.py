@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _torch_bridge as tb
+from pejax import _validate
 from pejax.generators.text_codec import check_mask_token
 from pejax.generators.text_codec import decode_texts
 from pejax.generators.text_codec import encode_texts
@@ -368,7 +369,7 @@ class CausalLMTextGenerator:
         Returns:
           uint8 (N, max_bytes) UTF-8 bytes (see :mod:`pejax.generators.text_codec`).
         """
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         n = _int("num_samples", num_samples, 0)
         prompt = tb.prompt_for(self.prompts, label)
         torch = self._torch
@@ -391,7 +392,7 @@ class CausalLMTextGenerator:
         Returns:
           uint8 (N, max_bytes) UTF-8 bytes.
         """
-        key = tb.check_key(key)
+        key = _validate.check_key(key)
         arr = self._check_samples(samples)
         d = _float("degree", degree, 0.0, 1.0)
         prompt = tb.prompt_for(self.prompts, label)
@@ -461,14 +462,6 @@ class CausalLMTextGenerator:
     def to_texts(self, samples: Any) -> list[str]:
         """Decodes samples (uint8 (N, L) UTF-8 bytes) to N strings."""
         return decode_texts(samples)
-
-    def to_images(self, samples: Any):
-        """Text samples have no images: always raises TypeError (the runner embeds the bytes directly)."""
-        del samples
-        raise TypeError(
-            f"generator {self.name!r} makes text (modality 'text'); it has no images. Embed its samples with "
-            "a text embedding such as pejax.hf_embeddings.SentenceTransformerEmbedding."
-        )
 
 
 __all__ = ["DEFAULT_REWRITE_TEMPLATE", "VARIATION_MODES", "CausalLMTextGenerator"]

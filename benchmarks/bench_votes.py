@@ -29,9 +29,9 @@ How the numbers are made trustworthy:
 
 Usage (from the repository root)::
 
-  python experiments/bench_votes.py                           # all cases; writes experiments/results/bench_votes.md
-  python experiments/bench_votes.py --cases small,d2048 --methods pejax,pejax-blas,faiss
-  python experiments/bench_votes.py --quick --allow-busy --settle 0 --out ''   # tiny smoke test
+  python benchmarks/bench_votes.py                           # all cases; writes benchmarks/results/bench_votes.md
+  python benchmarks/bench_votes.py --cases small,d2048 --methods pejax,pejax-blas,faiss
+  python benchmarks/bench_votes.py --quick --allow-busy --settle 0 --out ''   # tiny smoke test
 
 Requires the ``bench`` extra (faiss-cpu, scikit-learn, torch, threadpoolctl).
 """

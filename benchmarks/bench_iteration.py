@@ -5,7 +5,7 @@ samples with lookahead 8 took 4.9 s on this machine (issue #3). This script time
 iteration (after compilation) on the digits with the glyph simulator, and, in the same run, the Pillow cost of
 rendering the same number of images one by one (2000 x (1 + 8) renders), the part that dominated the reference.
 
-  python experiments/bench_iteration.py [--repeats 3]
+  python benchmarks/bench_iteration.py [--repeats 3]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ show the adapters' fixed overhead. Every number is seconds per sample, the media
 after one warm-up call.
 
 Usage:
-  python experiments/bench_hf_adapters.py [--threads 2] [--repeats 3] [--sd15] [--out FILE.json]
+  python benchmarks/bench_hf_adapters.py [--threads 2] [--repeats 3] [--sd15] [--out FILE.json]
 """
 
 from __future__ import annotations

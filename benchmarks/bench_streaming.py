@@ -14,9 +14,9 @@ histograms are compared (votes that differ: float32 near-ties).
 
 Usage::
 
-    python experiments/bench_streaming.py all --cases 2000000x8192 200000x100000 \
-        --workdir /tmp/pejax_bench --out experiments/results/bench_streaming.md
-    python experiments/bench_streaming.py all --cases 20000x1000 --workdir /tmp/pejax_bench_small  # smoke test
+    python benchmarks/bench_streaming.py all --cases 2000000x8192 200000x100000 \
+        --workdir /tmp/pejax_bench --out benchmarks/results/bench_streaming.md
+    python benchmarks/bench_streaming.py all --cases 20000x1000 --workdir /tmp/pejax_bench_small  # smoke test
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def run_all(args):
     print(text)
     if args.out:
         header = (
-            f"Command: `python experiments/bench_streaming.py all --cases {' '.join(args.cases)} "
+            f"Command: `python benchmarks/bench_streaming.py all --cases {' '.join(args.cases)} "
             f"--chunk-rows {args.chunk_rows} --seed {args.seed}`\n\nMachine: {_machine()}.\n\n"
         )
         pathlib.Path(args.out).write_text(header + text)

@@ -1,122 +1,24 @@
-"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax components``, ``pejax account``, ``pejax audit``."""
+"""Command line: ``pejax demo``, ``pejax run CONFIG``, ``pejax components``, ``pejax account``, ``pejax audit``.
+
+The parser and :func:`main` (the ``pejax`` console script, also ``python -m pejax.cli``) live here; each command's
+code lives in its module: :mod:`pejax.cli.run` (demo, run, components), :mod:`pejax.cli.account` and
+:mod:`pejax.cli.audit`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import errno
-import math
 import sys
 
 from pejax import accounting
-
-
-def _account(args) -> int:
-    if (args.epsilon is None) == (args.noise_multiplier is None):
-        print(
-            "pejax account: give exactly one of --epsilon and --noise-multiplier.", file=sys.stderr
-        )
-        return 2
-    # Everything is computed (and every input checked) before anything is printed.
-    lines = []
-    if args.epsilon is not None:
-        sigma = accounting.noise_multiplier(
-            epsilon=args.epsilon,
-            iterations=args.iterations,
-            delta=args.delta,
-            accountant=args.accountant,
-        )
-        lines.append(f"noise multiplier ({args.accountant}-calibrated): {sigma:.6f}")
-    else:
-        sigma = args.noise_multiplier
-        lines.append(f"noise multiplier: {sigma:.6f}")
-    lines.append(f"iterations: {args.iterations}, delta: {args.delta:g}")
-    for name in accounting.ACCOUNTANTS:
-        eps = accounting.epsilon(
-            noise_multiplier=sigma, iterations=args.iterations, delta=args.delta, accountant=name
-        )
-        lines.append(f"epsilon ({name}): {eps:.6f}")
-    print("\n".join(lines))
-    return 0
-
-
-def _demo(args) -> int:
-    from pejax.experiment import DEMO_CONFIG
-    from pejax.experiment import run_experiment
-
-    config = copy.deepcopy(DEMO_CONFIG)
-    config["run"]["seed"] = args.seed
-    if args.epsilon is not None:
-        if math.isinf(args.epsilon):
-            config["privacy"].update({"epsilon": None, "noise_multiplier": 0.0})
-        else:
-            config["privacy"]["epsilon"] = args.epsilon
-    if args.iterations is not None:
-        config["pe"]["iterations"] = args.iterations
-    if args.noise_seed is not None:
-        config["privacy"]["noise_seed"] = args.noise_seed
-    run_experiment(config, args.out, resume=args.resume, progress=not args.no_progress)
-    return 0
-
-
-def apply_overrides(config: dict, items) -> dict:
-    """Applies ``--set section.key=value`` overrides (value parsed as TOML, else taken as a string)."""
-    import tomllib
-
-    from pejax.config import check_sections
-
-    for item in items or ():
-        target, sep, raw = item.partition("=")
-        path = target.strip().split(".")
-        if not sep or len(path) < 2 or not all(path):
-            raise ValueError(
-                f"--set takes section.key=value (e.g. --set data.path=/data/cifar10), got {item!r}."
-            )
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        check_sections({path[0]: None}, f"--set {item!r}")
-        table = config
-        for part in path[:-1]:
-            nxt = table.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a table in the config.")
-            table = nxt
-        table[path[-1]] = value
-    return config
-
-
-def _components(args) -> int:
-    import json
-
-    from pejax import registry
-
-    if args.json:
-        print(json.dumps(registry.describe(), indent=2))
-    elif args.markdown:
-        print(registry.markdown(), end="")
-    else:
-        print(registry.text(), end="")
-    return 0
-
-
-def _run(args) -> int:
-    from pejax.config import load_config_file
-    from pejax.experiment import run_experiment
-
-    config = apply_overrides(load_config_file(args.config), args.set)
-    if args.dry_run:  # print the requests an API generator would send, and their count; send none
-        from pejax.generators.openai_chat import dry_run
-
-        dry_run(config)
-        return 0
-    out = args.out or (config.get("run") or {}).get("out")
-    if out is None:
-        print("pejax run: give --out DIR or run.out in the config file.", file=sys.stderr)
-        return 2
-    run_experiment(config, out, resume=args.resume, progress=not args.no_progress)
-    return 0
+from pejax.cli.account import account_main
+from pejax.cli.audit import add_audit_arguments
+from pejax.cli.audit import audit_main
+from pejax.cli.run import apply_overrides as apply_overrides
+from pejax.cli.run import components_main
+from pejax.cli.run import demo_main
+from pejax.cli.run import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(fn=_demo)
+    demo.set_defaults(fn=demo_main)
 
     run = sub.add_parser("run", help="run a TOML or YAML configuration")
     run.add_argument("config")
@@ -152,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (TOML syntax, e.g. --set pe.iterations=2); repeatable",
     )
-    run.set_defaults(fn=_run)
+    run.set_defaults(fn=run_main)
 
     comp = sub.add_parser(
         "components",
@@ -161,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = comp.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable JSON")
     fmt.add_argument("--markdown", action="store_true", help="the README's configuration reference")
-    comp.set_defaults(fn=_components)
+    comp.set_defaults(fn=components_main)
 
     acc = sub.add_parser("account", help="noise multiplier and epsilon under every accountant")
     acc.add_argument("--epsilon", type=float, default=None)
@@ -169,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--delta", type=float, required=True)
     acc.add_argument("--iterations", type=int, required=True)
     acc.add_argument("--accountant", default="pld", choices=accounting.ACCOUNTANTS)
-    acc.set_defaults(fn=_account)
-
-    from pejax._audit_cli import add_audit_arguments
-    from pejax._audit_cli import audit_main
+    acc.set_defaults(fn=account_main)
 
     audit = sub.add_parser(
         "audit", help="empirical epsilon lower bound with canaries (jax-privacy's auditor)"
@@ -200,7 +99,7 @@ def _enable_compilation_cache() -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except (
         OSError,
         AttributeError,
@@ -291,7 +190,3 @@ def main(argv=None) -> int:
     ) as e:
         print(error_message(args.command, e), file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

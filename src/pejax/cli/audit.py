@@ -4,7 +4,7 @@
 (:func:`pejax.run_audit.audit_run`); ``--target kernel`` audits the vote-histogram kernels in a re-assembled,
 vmapped loop (:func:`pejax.auditing.audit_mechanism`: faster, for the kernels alone).
 
-Wired into :mod:`pejax.cli` as::
+Wired into :func:`pejax.cli.build_parser` as::
 
     audit = sub.add_parser("audit", help="empirical epsilon lower bound beside the accountants' epsilon")
     add_audit_arguments(audit)

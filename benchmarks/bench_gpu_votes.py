@@ -19,8 +19,8 @@ are sized to finish in under 5 minutes on one H100/H200-class GPU.
 
 Usage (on the GPU machine)::
 
-    python experiments/bench_gpu_votes.py --out /tmp/gpu
-    python experiments/bench_gpu_votes.py --cases 20000x10000x256 --repeats 2 --methods jax torch --out /tmp/g
+    python benchmarks/bench_gpu_votes.py --out /tmp/gpu
+    python benchmarks/bench_gpu_votes.py --cases 20000x10000x256 --repeats 2 --methods jax torch --out /tmp/g
 
 At tiny sizes it runs on a CPU too (the CI test does: tests/test_bench_gpu_votes.py).
 """
