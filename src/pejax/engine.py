@@ -49,7 +49,7 @@ import numpy as np
 
 from pejax import _validate
 from pejax import buckets
-from pejax._compile import QUICK_COMPILE
+from pejax._compile import quick_jit
 from pejax.config import PEConfig
 from pejax.config import SpeedConfig
 from pejax.generators._checked import CheckedGenerator
@@ -574,7 +574,7 @@ def select_parents_bucketed(
     return host(idx)[:num_samples], bool(all_zero)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "mode"), compiler_options=QUICK_COMPILE)
+@quick_jit(static_argnames=("num_samples", "mode"))
 def _select(key, histogram, num_bins, *, num_samples, mode):
     real = jnp.arange(histogram.shape[0]) < num_bins
     h = jnp.where(real, jnp.maximum(histogram, 0.0), 0.0)

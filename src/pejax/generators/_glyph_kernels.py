@@ -11,7 +11,6 @@ Public names are re-exported by :mod:`pejax.generators.glyphs`; import them from
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pejax import _validate
-from pejax._compile import QUICK_COMPILE
+from pejax._compile import quick_jit
 from pejax.generators._glyph_atlas import ATLAS_FIT
 
 # Anti-aliasing: standard deviation of the edge profile in output pixels (a 1-pixel box has 0.29).
@@ -162,9 +161,7 @@ def _fold(x, low, high):
     return jnp.where((x >= low) & (x <= high), x, folded)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_samples", "warp_grid"), compiler_options=QUICK_COMPILE
-)
+@quick_jit(static_argnames=("num_samples", "warp_grid"))
 def _sample_prior(key, first, count, low, high, warp_std, *, num_samples, warp_grid):
     k_glyph, k_scalar, k_warp = jax.random.split(key, 3)
     glyph = first + jax.random.randint(k_glyph, (num_samples,), 0, count, dtype=jnp.int32)
@@ -180,7 +177,7 @@ def _sample_prior(key, first, count, low, high, warp_std, *, num_samples, warp_g
     return GlyphParams(glyph, *scalars, warp=warp_std * z)
 
 
-@functools.partial(jax.jit, compiler_options=QUICK_COMPILE)
+@quick_jit
 def _vary(key, params, first, count, low, high, warp_std, degree):
     num_samples = params.glyph.shape[0]
     k_switch, k_glyph, k_scalar, k_warp = jax.random.split(key, 4)
@@ -234,7 +231,7 @@ def _render_one(sdf_flat, atlas_size, interp, p, image_size):
     return p.ink * coverage
 
 
-@functools.partial(jax.jit, static_argnames=("image_size",), compiler_options=QUICK_COMPILE)
+@quick_jit(static_argnames=("image_size",))
 def _render(sdf, interp, params, *, image_size):
     atlas_size = sdf.shape[-1]
     sdf_flat = sdf.reshape(-1)
