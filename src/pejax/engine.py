@@ -237,7 +237,7 @@ def _chunked(call: Callable, n: int, rows: int, generator, key=None, tree=None):
     padded = None if tree is None else tree_take(tree, np.minimum(np.arange(chunks * rows), n - 1))
     parts = [
         call(
-            key if chunks == 1 or key is None else jax.random.fold_in(key, i),
+            key if chunks == 1 or key is None else _fold_in(key, np.int32(i)),
             None if padded is None else tree_take(padded, np.arange(i * rows, (i + 1) * rows)),
         )
         for i in range(chunks)
@@ -385,7 +385,7 @@ def init(key: jax.Array, *, generator, class_sizes: Sequence[int]) -> PEState:
     rows = bucket_size(max(sizes))
     parts = [
         random(
-            jax.random.fold_in(jax.random.fold_in(key, 0), y),
+            _fold_in(_fold_in(key, np.int32(0)), np.int32(y)),
             y,
             sizes[y],
             rows,
@@ -446,7 +446,7 @@ def step(
         raise ValueError(
             f"state.iteration is {state.iteration}, already pe.iterations; the run is complete."
         )
-    kt = jax.random.fold_in(state.key, t)
+    kt = _fold_in(state.key, np.int32(t))
     timings = dict.fromkeys(("generation", "embedding", "votes", "selection"), 0.0)
     stats: dict[str, Any] = {
         "noise_multiplier": noise_multiplier,
@@ -503,7 +503,7 @@ def class_step(
     """Votes, noise, selection and variation of class y at iteration t (timed by phase)."""
     m = class_sizes[y]
     rows = bucket_size(max(class_sizes))  # one padded size for every class: one set of programs
-    k_look, k_sel, k_var = jax.random.split(jax.random.fold_in(kt, y), 3)
+    k_look, k_sel, k_var = _class_keys(kt, np.int32(y))
     t0 = time.perf_counter()
     emb = embed_candidates(
         k_look,
@@ -547,6 +547,19 @@ def class_step(
     return out, noisy, fallback, phase
 
 
+@quick_jit
+def _fold_in(key, data):
+    """``jax.random.fold_in`` as one small program for every ``data`` (eager key ops compile several)."""
+    return jax.random.fold_in(key, data)
+
+
+@quick_jit
+def _class_keys(kt, y):
+    """The (lookahead, selection, variation) keys of class y: ``split(fold_in(kt, y), 3)``."""
+    k_look, k_sel, k_var = jax.random.split(jax.random.fold_in(kt, y), 3)
+    return k_look, k_sel, k_var
+
+
 def num_parents(pe: PEConfig, t: int, m: int, final_size: int) -> int:
     """Parents selected from m candidates at iteration t."""
     if t == pe.iterations:
@@ -560,18 +573,29 @@ def select_parents_bucketed(
     """Parent indices (num_samples,) from ``max(noisy - threshold, 0)``, and whether it fell back to uniform.
 
     ``mode`` as :func:`pejax.mechanism.select_parents` (``"rank"`` with more parents than bins samples). Runs at
-    padded sizes: the (m,) histogram padded to ``rows`` bins that are never drawn, and ``max(rows,
-    bucket_size(num_samples))`` draws of which the first ``num_samples`` are kept (draws are independent, so
-    they are distributed as ``num_samples`` draws), so that every class shares one compiled program.
+    padded sizes, so that every class and iteration shares one compiled program: the (m,) histogram padded to
+    ``rows`` bins that are never drawn, and draws made in chunks of ``rows`` (chunk i > 0 keyed ``fold_in(key,
+    i)``) of which the first ``num_samples`` are kept (draws are independent, so they are distributed as
+    ``num_samples`` draws).
     """
     m = noisy.shape[0]
     if mode == "rank" and num_samples > m:
         mode = "sample"
     padded = np.full(max(rows, m), -1.0, np.float32)  # padding: below every real bin, never drawn
     padded[:m] = np.maximum(noisy - threshold, 0.0)
-    draws = max(padded.shape[0], bucket_size(num_samples)) if mode == "sample" else padded.shape[0]
-    idx, all_zero = _select(key, jax.device_put(padded), np.int32(m), num_samples=draws, mode=mode)
-    return host(idx)[:num_samples], bool(all_zero)
+    width = padded.shape[0]
+    hist = jax.device_put(padded)
+    if mode == "rank":
+        idx, all_zero = _select(key, hist, np.int32(m), num_samples=width, mode=mode)
+        return host(idx)[:num_samples], bool(all_zero)
+    # Sampling: chunks of `width` draws (chunk i > 0 keyed fold_in(key, i)), one program for any count.
+    chunks = -(-num_samples // width)
+    parts = []
+    for i in range(chunks):
+        k = key if i == 0 else _fold_in(key, np.int32(i))
+        idx, all_zero = _select(k, hist, np.int32(m), num_samples=width, mode=mode)
+        parts.append(host(idx))
+    return np.concatenate(parts)[:num_samples], bool(all_zero)
 
 
 @quick_jit(static_argnames=("num_samples", "mode"))

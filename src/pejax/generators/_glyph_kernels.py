@@ -161,37 +161,73 @@ def _fold(x, low, high):
     return jnp.where((x >= low) & (x <= high), x, folded)
 
 
+def _uniforms(key, shapes):
+    """Independent uniform [0, 1) float32 arrays of the given shapes, from ONE threefry draw.
+
+    Each ``jax.random`` call inlines its own threefry program, and XLA:CPU takes about 0.1 s to compile each;
+    slicing one draw gives the same distribution for a fraction of the compile time.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = jax.random.uniform(key, (sum(sizes),), jnp.float32)
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
+def _integers(u, first, count):
+    """``first + floor(u * count)`` for uniform ``u`` in [0, 1): uniform integers in [first, first + count)."""
+    return first + jnp.minimum(jnp.floor(u * count).astype(jnp.int32), count - 1)
+
+
+def _normal(u):
+    """Standard normal deviates from uniform ``u`` in [0, 1) by the inverse CDF (as ``jax.random.normal``)."""
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    return np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(jnp.maximum(2.0 * u - 1.0, lo))
+
+
+def _truncated_normal(u, bound):
+    """Standard normal deviates truncated to [-bound, bound] by the inverse CDF (as
+    ``jax.random.truncated_normal``)."""
+    b = math.erf(bound / math.sqrt(2.0))
+    lo = np.nextafter(np.float32(-b), np.float32(0.0))
+    z = np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(jnp.maximum(b * (2.0 * u - 1.0), lo))
+    return jnp.clip(z, -bound, bound)
+
+
 @quick_jit(static_argnames=("num_samples", "warp_grid"))
 def _sample_prior(key, first, count, low, high, warp_std, *, num_samples, warp_grid):
-    k_glyph, k_scalar, k_warp = jax.random.split(key, 3)
-    glyph = first + jax.random.randint(k_glyph, (num_samples,), 0, count, dtype=jnp.int32)
-    u = jax.random.uniform(k_scalar, (len(_SCALAR_FIELDS), num_samples), jnp.float32)
-    scalars = low[:, None] + (high - low)[:, None] * u
-    z = jax.random.truncated_normal(
-        k_warp,
-        -_WARP_TRUNCATION,
-        _WARP_TRUNCATION,
-        (num_samples, warp_grid, warp_grid, 2),
-        jnp.float32,
+    u_glyph, u_scalar, u_warp = _uniforms(
+        key,
+        [
+            (num_samples,),
+            (len(_SCALAR_FIELDS), num_samples),
+            (num_samples, warp_grid, warp_grid, 2),
+        ],
     )
+    glyph = _integers(u_glyph, first, count)
+    scalars = low[:, None] + (high - low)[:, None] * u_scalar
+    z = _truncated_normal(u_warp, _WARP_TRUNCATION)
     return GlyphParams(glyph, *scalars, warp=warp_std * z)
 
 
 @quick_jit
 def _vary(key, params, first, count, low, high, warp_std, degree):
     num_samples = params.glyph.shape[0]
-    k_switch, k_glyph, k_scalar, k_warp = jax.random.split(key, 4)
-    switch = jax.random.uniform(k_switch, (num_samples,)) < -jnp.expm1(-degree)
-    new_glyph = first + jax.random.randint(k_glyph, (num_samples,), 0, count, dtype=jnp.int32)
-    glyph = jnp.where(switch, new_glyph, params.glyph.astype(jnp.int32))
     scalars = jnp.stack([getattr(params, name).astype(jnp.float32) for name in _SCALAR_FIELDS])
-    std = (high - low) / math.sqrt(12.0)
-    noise = jax.random.normal(k_scalar, scalars.shape, jnp.float32)
-    scalars = _fold(scalars + degree * std[:, None] * noise, low[:, None], high[:, None])
     warp = params.warp.astype(jnp.float32)
-    warp_noise = jax.random.normal(k_warp, warp.shape, jnp.float32)
+    u_switch, u_glyph, u_scalar, u_warp = _uniforms(
+        key, [(num_samples,), (num_samples,), scalars.shape, warp.shape]
+    )
+    switch = u_switch < -jnp.expm1(-degree)
+    glyph = jnp.where(switch, _integers(u_glyph, first, count), params.glyph.astype(jnp.int32))
+    std = (high - low) / math.sqrt(12.0)
+    scalars = _fold(
+        scalars + degree * std[:, None] * _normal(u_scalar), low[:, None], high[:, None]
+    )
     limit = _WARP_TRUNCATION * warp_std
-    warp = _fold(warp + degree * warp_std * warp_noise, -limit, limit)
+    warp = _fold(warp + degree * warp_std * _normal(u_warp), -limit, limit)
     return GlyphParams(glyph, *scalars, warp=warp)
 
 
