@@ -26,10 +26,10 @@ import jax
 import numpy as np
 
 from pejax.embeddings import resize_embedding
-from pejax.experiment import DEMO_CONFIG
-from pejax.experiment import build_generator
-from pejax.experiment import load_data
 from pejax.metrics import nearest_random_samples
+from pejax.run_config import DEMO_CONFIG
+from pejax.run_config import build_generator
+from pejax.run_config import load_data
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 # Generators compared by default: the demo's simulator with and without the handwritten forms.

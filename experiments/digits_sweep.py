@@ -27,10 +27,10 @@ import time
 import numpy as np
 
 from pejax.data import load_digits_split
-from pejax.experiment import DEMO_CONFIG
-from pejax.experiment import run_experiment
 from pejax.metrics import choose_classifier_c
 from pejax.metrics import downstream_accuracy
+from pejax.run_config import DEMO_CONFIG
+from pejax.run_config import run_experiment
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

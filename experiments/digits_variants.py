@@ -1,7 +1,7 @@
 """Many PE variants on the digits, several seeds each, in one process (compilations are shared).
 
 Each variant is a set of overrides on top of a base (both JSON, by config section: "pe", "generator",
-"privacy", "embedding", applied over pejax.experiment.DEMO_CONFIG). Every run trains the evaluation logistic
+"privacy", "embedding", applied over pejax.run_config.DEMO_CONFIG). Every run trains the evaluation logistic
 regression (C = 0.01, the demo's cross-validated value) on the released synthetic images and tests it on the
 450 held-out real digits. A run takes 10-60 s here once compiled, so 6 seeds per variant are affordable: the
 seed-to-seed spread (about +-0.015) is as large as most effects, and 3 seeds cannot tell them apart.
@@ -30,11 +30,11 @@ import jax
 import numpy as np
 
 from pejax import config as cfg
-from pejax.experiment import DEMO_CONFIG
-from pejax.experiment import build_embedding
-from pejax.experiment import build_generator
-from pejax.experiment import load_data
 from pejax.metrics import downstream_accuracy
+from pejax.run_config import DEMO_CONFIG
+from pejax.run_config import build_embedding
+from pejax.run_config import build_generator
+from pejax.run_config import load_data
 from pejax.runner import PrivateEvolution
 
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -11,7 +11,7 @@
 4. Quality: downstream test accuracy (``pejax.metrics.downstream_accuracy``, logistic regression on 8 x 8)
    of (a) the model's RANDOM samples alone (no private data), (b) PE runs on scikit-learn digits at each
    ``--epsilons`` (delta 1/(n ln n)), (c) a PE run without noise (generator ceiling, not private), and
-   (d) with ``--compare-glyphs``, the glyph-simulator demo (``pejax.experiment.DEMO_CONFIG``) at the same
+   (d) with ``--compare-glyphs``, the glyph-simulator demo (``pejax.run_config.DEMO_CONFIG``) at the same
    epsilons. The PE hyperparameters are the demo's (chosen on public data), unchanged.
 5. Writes a Markdown report (``--report``) and sample grids (PNG) into ``--out``.
 
@@ -253,7 +253,7 @@ def glyph_cost(n: int = 128) -> dict[str, float]:
 
 
 def pe_config() -> PEConfig:
-    from pejax.experiment import DEMO_CONFIG
+    from pejax.run_config import DEMO_CONFIG
 
     return PEConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in DEMO_CONFIG["pe"].items()}
@@ -288,8 +288,8 @@ def run_pe(gen, split, privacy: PrivacyConfig, seed: int):
 
 
 def run_glyph_demo(epsilon: float, out: pathlib.Path, seed: int) -> dict:
-    from pejax.experiment import DEMO_CONFIG
-    from pejax.experiment import run_experiment
+    from pejax.run_config import DEMO_CONFIG
+    from pejax.run_config import run_experiment
 
     config = copy.deepcopy(DEMO_CONFIG)
     config["privacy"]["epsilon"] = epsilon
@@ -436,7 +436,7 @@ def write_report(path: pathlib.Path, doc: dict, argv) -> None:
         "",
         "## Quality on scikit-learn digits (test accuracy of logistic regression on 8 x 8)",
         "",
-        "PE hyperparameters: `pejax.experiment.DEMO_CONFIG['pe']` unchanged (400 candidates, 5 iterations, "
+        "PE hyperparameters: `pejax.run_config.DEMO_CONFIG['pe']` unchanged (400 candidates, 5 iterations, "
         "lookahead 4, degrees 0.6 -> 0.15, 100 released samples per class); embedding resize to 8 x 8; "
         f"delta 1/(n ln n); PE seeds {doc['pe_seeds']} (the model is trained once).",
         "",

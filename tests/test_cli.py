@@ -132,7 +132,7 @@ def test_console_entry_point_help():
 
 
 def test_generator_prior_from_config():
-    from pejax.experiment import build_generator
+    from pejax.run_config import build_generator
 
     sim = build_generator({"image_size": 8, "prior": {"warp": 0.06, "ink": [0.9, 1.0]}}, 2)
     assert sim.prior.warp == 0.06 and sim.prior.ink == (0.9, 1.0)

@@ -20,7 +20,7 @@ from pejax.cli import main
 from pejax.config import PEConfig
 from pejax.config import PrivacyConfig
 from pejax.config import load_config_file
-from pejax.experiment import DEMO_CONFIG
+from pejax.run_config import DEMO_CONFIG
 from pejax.runner import PrivateEvolution
 from pejax.votes import NEIGHBORING_RELATION_GROUP
 from pejax.votes import NEIGHBORING_RELATION_SAMPLE
@@ -404,8 +404,8 @@ def test_stable_diffusion_example_runs_with_prompts_from_class_names(tmp_path, c
     torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
     diffusers = pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
     transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
-    from pejax.experiment import build_generator
     from pejax.registry import BuildContext
+    from pejax.run_config import build_generator
 
     torch.manual_seed(2)
     unet = diffusers.UNet2DConditionModel(

@@ -266,8 +266,8 @@ def test_torchvision_weights_downscaled_rgb_match_the_reference(tmp_path):
 def test_evaluation_computes_the_frechet_distance_in_inception_features(tmp_path, fid_file):
     """The digits demo config, tiny: the evaluation's [evaluation.embedding] names the inception weights."""
     from pejax.data import load_digits_split
-    from pejax.experiment import DEMO_CONFIG
-    from pejax.experiment import run_experiment
+    from pejax.run_config import DEMO_CONFIG
+    from pejax.run_config import run_experiment
 
     d = load_digits_split()
     pick = np.flatnonzero(d.train_labels < 2)[:20]

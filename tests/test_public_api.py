@@ -52,7 +52,7 @@ _OLD_HOMES = {
         "FolderInUseError",
         "ForeignCheckpointError",
     ],
-    "pejax.experiment": ["OutputFolderError"],
+    "pejax.run_config": ["OutputFolderError"],
     "pejax.generators": ["GeneratorError", "GeneratorRetryWarning"],
     "pejax.generators.diffusion": ["ModelCheckpointError"],
     "pejax.generators.openai_chat": [

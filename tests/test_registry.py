@@ -13,12 +13,12 @@ from pejax import registry
 from pejax.cli import apply_overrides
 from pejax.cli import main
 from pejax.data import load_texts
-from pejax.experiment import build_embedding
-from pejax.experiment import build_generator
-from pejax.experiment import build_mesh
-from pejax.experiment import check_private_stream
-from pejax.experiment import load_dataset
-from pejax.experiment import run_experiment
+from pejax.run_config import build_embedding
+from pejax.run_config import build_generator
+from pejax.run_config import build_mesh
+from pejax.run_config import check_private_stream
+from pejax.run_config import load_dataset
+from pejax.run_config import run_experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,7 @@ def test_glyph_generator_options_reach_the_simulator():
 
 def test_import_pejax_stays_light():
     code = (
-        "import sys, pejax, pejax.registry, pejax.experiment, pejax.cli\n"
+        "import sys, pejax, pejax.registry, pejax.run_config, pejax.cli\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'flax', 'sentence_transformers',"
         " 'sklearn', 'matplotlib', 'PIL') if m in sys.modules]\n"
         "print(heavy)"

@@ -36,7 +36,7 @@ this one. For example, a new generator kind::
 
 ``opts`` holds every declared option (defaults filled in, unknown keys already refused); ``ctx`` tells the
 builder the run's number of classes, class names and data shape. Nothing else changes: the config driver
-(:mod:`pejax.experiment`), ``pejax components`` and the README's generated table pick the new kind up, and the
+(:mod:`pejax.run_config`), ``pejax components`` and the README's generated table pick the new kind up, and the
 test that compares the README with :func:`markdown` says when the README needs regenerating
 (``python -m pejax.registry README.md``; ``pejax components --markdown`` prints the same block).
 """

@@ -10,8 +10,8 @@ import sys
 
 def demo_main(args: argparse.Namespace) -> int:
     """``pejax demo``: the embedded digits configuration with the command line's seed, epsilon and iterations."""
-    from pejax.experiment import DEMO_CONFIG
-    from pejax.experiment import run_experiment
+    from pejax.run_config import DEMO_CONFIG
+    from pejax.run_config import run_experiment
 
     config = copy.deepcopy(DEMO_CONFIG)
     config["run"]["seed"] = args.seed
@@ -74,7 +74,7 @@ def components_main(args: argparse.Namespace) -> int:
 def run_main(args: argparse.Namespace) -> int:
     """``pejax run CONFIG``: a TOML or YAML configuration with ``--set`` overrides (2: no output folder)."""
     from pejax.config import load_config_file
-    from pejax.experiment import run_experiment
+    from pejax.run_config import run_experiment
 
     config = apply_overrides(load_config_file(args.config), args.set)
     if args.dry_run:  # print the requests an API generator would send, and their count; send none

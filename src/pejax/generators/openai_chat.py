@@ -1004,7 +1004,7 @@ def dry_run(config: Mapping[str, Any], echo: Callable[[str], None] = print) -> d
     """
     from pejax import config as cfg
     from pejax import registry
-    from pejax.experiment import load_dataset
+    from pejax.run_config import load_dataset
     from pejax.runner import allocate
 
     pe = cfg.pe_from_dict(config.get("pe"))

@@ -1,4 +1,4 @@
-"""A whole run from a configuration dict: data, generator, embedding, PE, evaluation and output files.
+"""A whole PE run from a config dict: data, generator, embedding, run, evaluation and output files.
 
 This is the driver behind ``pejax demo`` and ``pejax run CONFIG``. Components are built by name through
 :mod:`pejax.registry` (``pejax components`` lists them). Evaluation metrics are computed on the held-out real
