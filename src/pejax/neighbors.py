@@ -142,6 +142,9 @@ def _knn_scores(
     m = keys.shape[0]
     keys = _prepare(keys, metric)
 
+    if key_block < m:
+        # XLA copies each key block for the matmul: keep that copy (key_block x d) within the block budget too.
+        key_block = min(key_block, max(128, _MAX_BLOCK_ELEMENTS // d))
     num_key_blocks = -(-m // key_block)
     if metric == "l2" and key_sq is not None:
         key_sq = key_sq.astype(jnp.float32)
@@ -546,8 +549,10 @@ def nearest_neighbors(
         score block under 2**23 elements). The last block reads the last rows again (no padded copy of the
         queries), so all blocks share one static shape.
       key_block_size: keys per block (default: all keys when a block of scores fits 2**23 elements, otherwise
-        balanced blocks, a multiple of 128, that do). The kernel's working memory is about 2-3 score blocks
-        (``block_size * key_block_size`` float32 each) beyond the inputs.
+        balanced blocks, a multiple of 128, that do; with several key blocks, at most ``max(128, 2**23 // d)``
+        keys, since each key block is copied for the matmul). The kernel's working memory is about 2-3 score
+        blocks (``block_size * key_block_size`` float32 each) plus a query block and a key block, beyond the
+        inputs (which are used in place when they are JAX arrays or 64-byte-aligned NumPy float arrays).
       precision: matmul precision, ``"highest"`` (full float32; default), ``"high"`` or ``"default"`` (on GPUs
         and TPUs the latter two trade accuracy for speed), or ``"bfloat16"``: bfloat16 matmuls made exact by a
         float32 re-check of the candidates and of every row a rounding bound cannot certify (see

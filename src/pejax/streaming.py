@@ -281,20 +281,9 @@ class _Rows:
         return out.reshape(stop - start, d)
 
 
-# XLA:CPU uses a host buffer in place (no copy to the device) when it is 64-byte aligned; NumPy's own large
-# allocations are only 16-byte aligned.
-_ALIGN = 64
 # Private embeddings read per chunk by default: 64 MiB (65536 rows of 256 float32).
 _CHUNK_BYTES = 1 << 26
-
-
-def _aligned_empty(shape: tuple[int, int], dtype) -> np.ndarray:
-    """An uninitialised C-ordered array whose data start on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    buf = np.empty(nbytes + _ALIGN, np.uint8)
-    offset = -buf.ctypes.data % _ALIGN
-    return buf[offset : offset + nbytes].view(dtype).reshape(shape)
+_aligned_empty = _validate.aligned_empty
 
 
 def _npy_header(path: pathlib.Path):
