@@ -168,7 +168,8 @@ def _knn_scores(
     else:
         key_sq = jnp.zeros((m,), jnp.float32)
     # The factor -2 (or -1) is folded into each query block, not into the keys: scaling by a power of two is
-    # exact, it saves a multiply per score, and a scaled copy of the keys would cost m x d more memory.
+    # exact (below 1.7e38, far above where the squared norms overflow), it saves a multiply per score, and a
+    # scaled copy of the keys would cost m x d more memory.
     scale = -2.0 if metric == "l2" else -1.0
 
     def block_scores(q, kb, bb):

@@ -36,7 +36,7 @@ from pejax import votes as _votes
 from pejax.mechanism import PejaxWarning
 from pejax.sharding import _INT32_MAX
 from pejax.sharding import _common_dtype
-from pejax.sharding import _first_nonfinite_row
+from pejax.sharding import _first_nonfinite_row as _nonfinite_row_search
 from pejax.sharding import _host_matrix
 from pejax.sharding import _local_knn
 from pejax.sharding import _nonfinite_message
@@ -279,6 +279,17 @@ class _Rows:
         if out.size != (stop - start) * d:
             self._truncated(start, stop)
         return out.reshape(stop - start, d)
+
+
+def _first_nonfinite_row(chunk: np.ndarray) -> int | None:
+    """The first row holding NaN or Inf, or None. A finite sum proves every entry finite (NaN and Inf
+    propagate through additions) without a chunk-sized mask; only a non-finite (or overflowing) sum needs the
+    row-by-row search."""
+    if chunk.dtype in (np.float32, np.float64):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.add.reduce(chunk, axis=None)):
+                return None
+    return _nonfinite_row_search(chunk)
 
 
 # Private embeddings read per chunk by default: 64 MiB (65536 rows of 256 float32).
