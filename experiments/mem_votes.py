@@ -5,7 +5,9 @@ one call compiles; then, per call, the peak RSS (``VmHWM``) is reset through ``/
 extra memory is the peak during the call minus the RSS before it (what the call needs beyond the runtime and its
 inputs). ``--aligned`` puts the inputs on 64-byte boundaries (XLA:CPU then uses them in place); by default they
 are plain NumPy arrays (16-byte aligned, copied to the device), as ``experiments/bench_votes.py`` makes them.
-``--stream`` votes a ``.npy`` file of the private rows with ``streamed_vote_histogram`` instead.
+``--stream`` votes a ``.npy`` file of the private rows with ``streamed_vote_histogram`` instead. Run it with
+``MALLOC_MMAP_THRESHOLD_=65536`` for figures that do not depend on the allocator's history: glibc otherwise may
+keep the previous call's large freed blocks resident and reuse them, hiding a copy (seen: 34 instead of 57 MiB).
 
 Usage (from the repository root)::
 
