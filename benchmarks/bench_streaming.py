@@ -8,9 +8,11 @@ in its own subprocess so that its peak resident memory is its own:
 * ``faiss``: ``faiss.IndexFlatL2`` holding the synthetic set, searched with the same chunks of private rows
   (read from the file the same way), votes counted with ``np.bincount``.
 
-Both report the time of the vote (synthetic already in memory), peak RSS (``VmHWM`` from ``/proc/self/status``,
-which counts every resident page of the process, including the runtime) and RSS before the vote, and the
-histograms are compared (votes that differ: float32 near-ties).
+Both report the time of the vote (synthetic already in memory), RSS before the vote, the peak RSS during the vote
+(``VmHWM`` from ``/proc/self/status``, reset through ``/proc/self/clear_refs`` just before the vote, so neither
+data generation nor compilation counts; it counts every resident page of the process, runtime included) and the
+extra memory of the vote (that peak less the RSS before it), and the histograms are compared (votes that differ:
+float32 near-ties).
 
 Usage::
 
@@ -45,6 +47,16 @@ def _rss_kib() -> dict:
                 name, value, _ = line.split()
                 out[name.rstrip(":")] = int(value)
     return out
+
+
+def _reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _synthetic(m: int, seed: int) -> np.ndarray:
@@ -96,7 +108,9 @@ def run_method(
         # Compile on one chunk's shape first, outside the timing (the kernel compiles once per shape).
         warm = np.zeros((chunk_rows, DIM), np.float32)
         streamed_vote_histogram(warm, synthetic, chunk_rows=chunk_rows).block_until_ready()
+        del warm
         before = _rss_kib()
+        reset = _reset_peak()
         t0 = time.perf_counter()
         hist = streamed_vote_histogram(path, synthetic, chunk_rows=chunk_rows, k=1, metric="l2")
         counts = np.asarray(hist).astype(np.int64)
@@ -108,6 +122,7 @@ def run_method(
         index = faiss.IndexFlatL2(DIM)
         index.add(synthetic)
         before = _rss_kib()
+        reset = _reset_peak()
         t0 = time.perf_counter()
         counts = np.zeros(m, np.int64)
         for chunk in _read_chunks(path, chunk_rows):
@@ -127,6 +142,8 @@ def run_method(
                 "seconds": seconds,
                 "rss_before_vote_mib": before["VmRSS"] / 1024,
                 "peak_rss_mib": after["VmHWM"] / 1024,
+                "extra_mib": (after["VmHWM"] - before["VmRSS"]) / 1024,
+                "peak_reset": reset,
                 "votes": int(counts.sum()),
             }
         )
@@ -188,14 +205,17 @@ def run_all(args):
         for method, res in per_method.items():
             results.append((n, m, size_gib, gen, method, res, flops, differ))
     lines.append(
-        "| private n x d | synthetic m | file | method | vote time | GFLOP/s | peak RSS | RSS before vote | load avg (1 min, before/after) |"
+        "| private n x d | synthetic m | file | method | vote time | GFLOP/s | peak RSS | RSS before vote | "
+        "extra during vote | load avg (1 min, before/after) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for n, m, size_gib, _, method, res, flops, _ in results:
         lines.append(
             f"| {n:,} x {DIM} | {m:,} | {size_gib:.2f} GiB | {method}: {res['version']} | {res['seconds']:.1f} s | "
             f"{flops / res['seconds'] / 1e9:.1f} | {res['peak_rss_mib']:.0f} MiB | "
-            f"{res['rss_before_vote_mib']:.0f} MiB | {res['load_before']:.1f} / {res['load_after']:.1f} |"
+            f"{res['rss_before_vote_mib']:.0f} MiB | "
+            f"{res['extra_mib']:.0f} MiB{'' if res['peak_reset'] else ' (peak not reset: whole run)'} | "
+            f"{res['load_before']:.1f} / {res['load_after']:.1f} |"
         )
     lines.append("")
     for n, m, _, gen, method, _, _, differ in results:

@@ -99,6 +99,32 @@ def test_nonfinite_chunk_names_the_absolute_row(tmp_path):
             streamed_vote_histogram(source, synthetic, chunk_rows=100)
 
 
+def test_nonfinite_check_sees_inf_and_overflow_alike(tmp_path):
+    """The chunk check proves finiteness from a sum: an Inf is still found, and huge finite values whose sum
+    overflows are searched row by row and accepted, not refused."""
+    private, synthetic = _data(n=300, m=10, d=4)
+    private[:, 0] = 2e36  # finite, but their sum (6e38) overflows float32
+    path = tmp_path / "big.npy"
+    np.save(path, private)
+    hist = np.asarray(streamed_vote_histogram(path, synthetic, chunk_rows=128))
+    np.testing.assert_array_equal(hist, np.asarray(pejax.vote_histogram(private, synthetic)))
+    private[257, 3] = -np.inf
+    np.save(path, private)
+    with pytest.raises(ValueError, match=r"first in row 257\)"):
+        streamed_vote_histogram(path, synthetic, chunk_rows=128)
+
+
+def test_default_chunk_is_64_mib_of_rows(tmp_path):
+    private, synthetic = _data(n=70000, m=20, d=256)
+    path = tmp_path / "p.npy"
+    np.save(path, private)
+    reader = _Recorder(private)
+    got = np.asarray(streamed_vote_histogram(reader, synthetic))
+    assert [r.stop - r.start for r in reader.reads] == [65536, 70000 - 65536]
+    np.testing.assert_array_equal(got, np.asarray(streamed_vote_histogram(path, synthetic)))
+    np.testing.assert_array_equal(got, np.asarray(pejax.vote_histogram(private, synthetic)))
+
+
 def test_bad_files_and_arguments(tmp_path):
     private, synthetic = _data(n=50, m=10, d=4)
     truncated = tmp_path / "t.npy"

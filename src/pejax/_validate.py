@@ -31,18 +31,40 @@ def on_host(x: Any) -> bool:
     return False
 
 
+# XLA:CPU uses a host buffer in place (no copy) when its data start on a 64-byte boundary; NumPy's own large
+# allocations are only 16-byte aligned.
+ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-ordered NumPy array whose data start on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    offset = -buf.ctypes.data % ALIGN
+    return buf[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def to_device(x: Any, dtype: Any = None) -> jax.Array:
     """A JAX array of ``x``. NumPy input goes through ``jax.device_put`` (``jnp.asarray`` of NumPy compiles a
-    small staging program for every new shape, hundreds in a PE run)."""
+    small staging program for every new shape, hundreds in a PE run).
+
+    On the CPU, ``jax.device_put`` (jaxlib 0.10) uses a C-contiguous NumPy array in place when its data are
+    64-byte aligned and copies it otherwise (``jnp.asarray`` always copies). A dtype conversion is therefore
+    written into an aligned buffer, which the device then uses without a second copy.
+    """
     if isinstance(x, jax.Array):
         return x if dtype is None or x.dtype == dtype else x.astype(dtype)
     arr = np.asarray(x)
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    elif arr.dtype == np.float64 and not jax.config.jax_enable_x64:
-        arr = arr.astype(np.float32)
-    elif arr.dtype == np.int64 and not jax.config.jax_enable_x64:
-        arr = arr.astype(np.int32)
+    target = dtype
+    if target is None and arr.dtype == np.float64 and not jax.config.jax_enable_x64:
+        target = np.float32
+    elif target is None and arr.dtype == np.int64 and not jax.config.jax_enable_x64:
+        target = np.int32
+    if target is not None and np.dtype(target) != arr.dtype:
+        out = aligned_empty(arr.shape, target)
+        np.copyto(out, arr, casting="unsafe")
+        arr = out
     return jax.device_put(arr)
 
 

@@ -27,16 +27,27 @@ from jax import lax
 
 from pejax import _host_knn
 from pejax import _validate
+from pejax.buckets import bucket_size
 
 METRICS = ("l2", "cosine", "ip")
 
-# Elements (queries x keys) of one score block: 2**25 float32 = 128 MiB.
-_MAX_BLOCK_ELEMENTS = 1 << 25
-# Measured on a 2-core AVX-512 CPU (experiments/bench_votes.py): 512-row query blocks keep the score block
+# Elements (queries x keys) of one score block by default: 2**23 float32 = 32 MiB. XLA:CPU keeps up to 3
+# block-sized buffers live for k = 1 (the matmul output, the biased scores, the column indices of the row
+# minimum; measured with ``memory_analysis``), so this bounds the kernel's working memory near 100 MiB.
+_MAX_BLOCK_ELEMENTS = 1 << 23
+# Fewest query rows of a default block: with many keys, keys are blocked rather than query rows thinned (a
+# matmul of a few rows against many keys is bound by reading the keys).
+_MIN_QUERY_BLOCK = 256
+# Measured on a 2-core AVX-512 CPU (benchmarks/bench_votes.py): 512-row query blocks keep the score block
 # nearer the caches than 2048-row ones, which makes the reductions after the matmul cheaper for d <= 512
 # and costs nothing for d = 2048.
 _MAX_QUERY_BLOCK = 512
 _ROW_MULTIPLE = 8
+# Up to this dimension, k = 1 blocks are scored keys-major ((keys, rows), reduced over the major axis). Whole
+# vote kernel, keys-major / rows-major time (2-core AVX-512 CPU shared with other work, load 2.6-2.8,
+# interleaved medians of 80 calls): 0.84 at 2000 x 2000 x 64, 0.86 at 5000 x 5000 x 16, 0.83 at 1000 x 3000
+# x 32, 0.95 at d = 128; a bare block took 0.97x at d = 256, 1.03x at d = 512 and 1.34x at d = 2048.
+_KEYS_MAJOR_MAX_DIM = 128
 _INT32_MAX = 2**31 - 1
 
 
@@ -70,13 +81,20 @@ def balanced_block(n: int, block_size: int) -> tuple[int, int]:
 
 
 def default_block_sizes(n: int, m: int, block_size: int | None) -> tuple[int, int]:
-    """Chooses (query block, key block) sizes so one score block holds at most 2**25 elements."""
+    """Chooses (query block, key block) sizes so one score block holds about 2**23 elements at most.
+
+    Query blocks hold up to 512 rows (at least 256 while n allows); keys are split into balanced blocks (a
+    multiple of 128) only when all m keys would not fit the budget with those rows.
+    """
     if block_size is None:
-        block_size = max(_ROW_MULTIPLE, min(_MAX_QUERY_BLOCK, _MAX_BLOCK_ELEMENTS // max(m, 1)))
-        block_size = min(block_size, n)
+        block_size = min(
+            max(_MIN_QUERY_BLOCK, min(_MAX_QUERY_BLOCK, _MAX_BLOCK_ELEMENTS // max(m, 1))), n
+        )
     key_block = max(1, _MAX_BLOCK_ELEMENTS // max(block_size, 1))
-    key_block = m if key_block >= m else _round_up(key_block, 128)
-    return block_size, min(key_block, m)
+    if key_block >= m:
+        return block_size, m
+    num_key_blocks = -(-m // key_block)
+    return block_size, min(m, _round_up(-(-m // num_key_blocks), 128))
 
 
 def _prepare(x: jax.Array, metric: str) -> jax.Array:
@@ -97,6 +115,16 @@ def _min_with_index(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
     cols = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
     idx = jnp.min(jnp.where(scores <= best, cols, _INT32_MAX), axis=1, keepdims=True)
     return best, idx
+
+
+def _min_with_index_keys_major(scores_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`_min_with_index` of ``scores_t.T`` from the (keys, rows) block: both reductions run over the major
+    axis (element-wise minima of whole rows of the block, no horizontal reduction), which XLA:CPU vectorises
+    better. Returns (rows, 1) arrays; ties go to the lowest key index."""
+    best = jnp.min(scores_t, axis=0, keepdims=True)
+    keys = lax.broadcasted_iota(jnp.int32, scores_t.shape, 0)
+    idx = jnp.min(jnp.where(scores_t <= best, keys, _INT32_MAX), axis=0, keepdims=True)
+    return best.T, idx.T
 
 
 def _smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -130,26 +158,24 @@ def _knn_scores(
     """
     n, d = queries.shape
     m = keys.shape[0]
-    queries = _prepare(queries, metric)
     keys = _prepare(keys, metric)
 
+    if key_block < m:
+        # XLA copies each key block for the matmul: keep that copy (key_block x d) within the block budget too.
+        key_block = min(key_block, max(128, _MAX_BLOCK_ELEMENTS // d))
     num_key_blocks = -(-m // key_block)
-    m_pad = num_key_blocks * key_block
-    keys_p = jnp.pad(keys, ((0, m_pad - m), (0, 0)))
     if metric == "l2" and key_sq is not None:
-        key_sq = jnp.pad(key_sq.astype(jnp.float32), (0, m_pad - m))
+        key_sq = key_sq.astype(jnp.float32)
     elif metric == "l2":
-        key_sq = jnp.sum(jnp.square(keys_p.astype(jnp.float32)), axis=-1)
+        key_sq = jnp.sum(jnp.square(keys.astype(jnp.float32)), axis=-1)
     else:
-        key_sq = jnp.zeros((m_pad,), jnp.float32)
-    # Padded keys can never win.
-    valid_keys = m if num_keys is None else jnp.minimum(num_keys, m)
-    key_bias = jnp.where(jnp.arange(m_pad) < valid_keys, key_sq, jnp.inf)
-    # Fold the factor -2 (or -1) into the keys once: scaling by a power of two is exact, and it saves a
-    # multiply per score.
+        key_sq = jnp.zeros((m,), jnp.float32)
+    if num_keys is not None:  # keys num_keys..m-1 are padding: they can never win
+        key_sq = jnp.where(jnp.arange(m) < num_keys, key_sq, jnp.inf)
+    # The factor -2 (or -1) is folded into each query block, not into the keys: scaling by a power of two is
+    # exact (below 1.7e38, far above where the squared norms overflow), it saves a multiply per score, and a
+    # scaled copy of the keys would cost m x d more memory.
     scale = -2.0 if metric == "l2" else -1.0
-    keys_b = (keys_p * jnp.asarray(scale, keys_p.dtype)).reshape(num_key_blocks, key_block, d)
-    bias_b = key_bias.reshape(num_key_blocks, key_block)
 
     def block_scores(q, kb, bb):
         dots = lax.dot_general(
@@ -157,15 +183,41 @@ def _knn_scores(
         )
         return bb[None, :] + dots  # (rows, key_block): smaller is nearer
 
-    def one_query_block(q):
-        if num_key_blocks == 1:
-            return _smallest(block_scores(q, keys_b[0], bias_b[0]), k)
+    def block_smallest(q, kb, bb, kk):
+        if kk == 1 and d <= _KEYS_MAJOR_MAX_DIM:
+            # Small d: the reductions, not the matmul, dominate; score the block keys-major.
+            dots_t = lax.dot_general(
+                kb,
+                q,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            return _min_with_index_keys_major(bb[:, None] + dots_t)
+        return _smallest(block_scores(q, kb, bb), kk)
 
-        def step(carry, inputs):
+    def key_block_at(j):
+        """Key block j read in place (no padded copy of the keys): the last block is shifted back to end at
+        key m, and the keys it shares with the block before get an infinite bias, so they never win twice."""
+        start = jnp.minimum(j * key_block, m - key_block)
+        cols = start + jnp.arange(key_block, dtype=jnp.int32)
+        bias = jnp.where(
+            cols >= j * key_block, lax.dynamic_slice_in_dim(key_sq, start, key_block), jnp.inf
+        )
+        return lax.dynamic_slice_in_dim(keys, start, key_block, axis=0), bias, start
+
+    def one_query_block(q):
+        # Row-wise, so preparing (normalising) one block at a time equals preparing all queries first.
+        q = _prepare(q, metric)
+        q = q * jnp.asarray(scale, q.dtype)
+        if num_key_blocks == 1:
+            return block_smallest(q, keys, key_sq, k)
+
+        def step(carry, j):
             best_s, best_i = carry
-            kb, bb, offset = inputs
+            kb, bb, offset = key_block_at(j)
             kk = min(k, key_block)
-            blk_s, blk_i = _smallest(block_scores(q, kb, bb), kk)
+            blk_s, blk_i = block_smallest(q, kb, bb, kk)
             blk_i = blk_i + offset
             if k == 1:
                 # Strictly better only: on equal scores the earlier (lower-index) block keeps the vote.
@@ -179,19 +231,34 @@ def _knn_scores(
 
         rows = q.shape[0]
         init = (jnp.full((rows, k), jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32))
-        offsets = jnp.arange(num_key_blocks, dtype=jnp.int32) * key_block
-        (best_s, best_i), _ = lax.scan(step, init, (keys_b, bias_b, offsets))
+        (best_s, best_i), _ = lax.scan(step, init, jnp.arange(num_key_blocks, dtype=jnp.int32))
         return best_s, best_i
 
-    n_pad = num_query_blocks * query_block
-    q_p = jnp.pad(queries, ((0, n_pad - n), (0, 0)))
-    if num_query_blocks == 1:
-        # One block (small inputs): no loop at all.
-        scores, idx = one_query_block(q_p)
-    else:
-        scores, idx = lax.map(one_query_block, q_p.reshape(num_query_blocks, query_block, d))
-    scores = scores.reshape(n_pad, k)[:n]
-    idx = idx.reshape(n_pad, k)[:n]
+    if num_query_blocks == 1 or n < query_block:
+        # One block (small inputs; padded to the block's rows), or blocks larger than n: pad, no loop saved.
+        n_pad = num_query_blocks * query_block
+        q_p = jnp.pad(queries, ((0, n_pad - n), (0, 0)))
+        if num_query_blocks == 1:
+            scores, idx = one_query_block(q_p)
+        else:
+            scores, idx = lax.map(one_query_block, q_p.reshape(num_query_blocks, query_block, d))
+        scores = scores.reshape(n_pad, k)[:n]
+        idx = idx.reshape(n_pad, k)[:n]
+        return scores, idx.astype(jnp.int32)
+
+    # Several blocks: each reads its rows of the queries in place (no padded copy of the n x d queries).
+    # The last block is shifted back to end at row n, so it overlaps the one before; its overlapping rows
+    # are dropped below.
+    last = n - query_block
+
+    def block_at(_, i):
+        start = jnp.minimum(i * query_block, last)
+        return None, one_query_block(lax.dynamic_slice_in_dim(queries, start, query_block, axis=0))
+
+    _, (scores, idx) = lax.scan(block_at, None, jnp.arange(num_query_blocks, dtype=jnp.int32))
+    overlap = (num_query_blocks - 1) * query_block - last
+    scores = jnp.concatenate([scores[:-1].reshape(-1, k), scores[-1, overlap:]], axis=0)
+    idx = jnp.concatenate([idx[:-1].reshape(-1, k), idx[-1, overlap:]], axis=0)
     return scores, idx.astype(jnp.int32)
 
 
@@ -332,11 +399,6 @@ def check_matmul_precision(precision: str, where: str) -> None:
     _validate.one_of("precision", precision, tuple(_PRECISIONS))
 
 
-def _bucket(n: int) -> int:
-    """Rows of the float32 re-check, rounded up to a power of two (>= 8) so few shapes compile."""
-    return max(_ROW_MULTIPLE, 1 << (max(n, 1) - 1).bit_length())
-
-
 def knn_bfloat16(
     queries: jax.Array,
     keys: jax.Array,
@@ -403,7 +465,9 @@ def _knn_bfloat16(queries, keys, *, k, metric, block_size, key_block_size, extra
     bad = np.flatnonzero(~np.asarray(certified))
     if bad.size == 0:
         return res, 0
-    rows = np.pad(bad, (0, _bucket(bad.size) - bad.size))  # pad with row 0 (results discarded)
+    rows = np.pad(
+        bad, (0, bucket_size(bad.size, minimum=_ROW_MULTIPLE) - bad.size)
+    )  # pad with row 0 (results discarded)
     sub = jnp.take(jnp.asarray(queries), jnp.asarray(rows), axis=0)
     plan = block_plan(
         sub.shape[0], m, block_size=block_size, key_block_size=key_block_size, precision="highest"
@@ -512,10 +576,14 @@ def nearest_neighbors(
       keys: (m, d) floating array (e.g. synthetic embeddings), with the same ``d``. Must be finite.
       k: number of neighbours, 1 <= k <= m.
       metric: ``"l2"`` (squared Euclidean), ``"cosine"`` or ``"ip"`` (inner product); see the module docstring.
-      block_size: queries per block (default: as many as keep one score block under 2**25 elements, at most
-        512). The last block is balanced and padded, so all blocks share one static shape.
-      key_block_size: keys per block (default: all keys when a block of scores fits 2**25 elements, otherwise
-        a multiple of 128 that does). Peak extra memory is about ``block_size * key_block_size`` float32.
+      block_size: queries per block (default: up to 512, and at least 256 while n allows, as many as keep one
+        score block under 2**23 elements). The last block reads the last rows again (no padded copy of the
+        queries), so all blocks share one static shape.
+      key_block_size: keys per block (default: all keys when a block of scores fits 2**23 elements, otherwise
+        balanced blocks, a multiple of 128, that do; with several key blocks, at most ``max(128, 2**23 // d)``
+        keys, since each key block is copied for the matmul). The kernel's working memory is about 2-3 score
+        blocks (``block_size * key_block_size`` float32 each) plus a query block and a key block, beyond the
+        inputs (which are used in place when they are JAX arrays or 64-byte-aligned NumPy float arrays).
       precision: matmul precision, ``"highest"`` (full float32; default), ``"high"`` or ``"default"`` (on GPUs
         and TPUs the latter two trade accuracy for speed), or ``"bfloat16"``: bfloat16 matmuls made exact by a
         float32 re-check of the candidates and of every row a rounding bound cannot certify (see

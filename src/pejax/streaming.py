@@ -9,8 +9,9 @@ data itself, pejax never deletes it, and it is created readable by its owner onl
 :func:`streamed_vote_histogram` reads private embeddings ``chunk_rows`` rows at a time (from a ``.npy`` path or
 memory-mapped file with plain reads, so the file's pages sit in the page cache, not in the process), votes each
 chunk with the same jitted kernel (every chunk is padded to one static shape, so it compiles once), and adds the
-integer vote counts. Memory is O(chunk_rows x d + m x d + m) plus the kernel's score block, whatever the number
-of private rows; at user level (``group_ids``) it also keeps the (n, k) int32 neighbour indices (``4 n k``
+integer vote counts. Memory is O(chunk_rows x d + m x d + m) plus the kernel's score blocks, whatever the number
+of private rows (chunks of a ``.npy`` file are read into 64-byte-aligned buffers, which XLA:CPU uses in place, so
+a chunk is held once, not copied to the device; by default a chunk is 64 MiB); at user level (``group_ids``) it also keeps the (n, k) int32 neighbour indices (``4 n k``
 bytes) because a user's rows may fall in different chunks. The result equals :func:`pejax.vote_histogram` on
 the whole array with the same exactness as :mod:`pejax.sharding` (same votes up to float32 near-ties; bit-for-bit
 at ``k = 1`` and at user level, correctly rounded ``count / sqrt(k)`` otherwise).
@@ -35,7 +36,7 @@ from pejax import votes as _votes
 from pejax.mechanism import PejaxWarning
 from pejax.sharding import _INT32_MAX
 from pejax.sharding import _common_dtype
-from pejax.sharding import _first_nonfinite_row
+from pejax.sharding import _first_nonfinite_row as _nonfinite_row_search
 from pejax.sharding import _host_matrix
 from pejax.sharding import _local_knn
 from pejax.sharding import _nonfinite_message
@@ -233,7 +234,34 @@ class _Rows:
             self.full_shape = self.shape
             self.shape = (int(self.rows.size), self.shape[1])
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, out_rows: int | None = None) -> np.ndarray:
+        """Rows ``start:stop``; with ``out_rows``, in a 64-byte-aligned (out_rows, d) buffer, zero past the rows."""
+        if self.rows is None and self.array is None and out_rows is not None:
+            # Straight from the file into an aligned buffer: the device uses it in place (no second copy).
+            out = _aligned_empty((out_rows, self.shape[1]), self.dtype)
+            got = self._read_into(out[: stop - start], start)
+            out[stop - start :] = 0
+            return out if got else self._truncated(start, stop)
+        chunk = self._read(start, stop)
+        if out_rows is None or chunk.shape[0] == out_rows:
+            return chunk
+        out = _aligned_empty((out_rows, chunk.shape[1]), chunk.dtype)
+        out[: chunk.shape[0]] = chunk
+        out[chunk.shape[0] :] = 0
+        return out
+
+    def _read_into(self, out: np.ndarray, start: int) -> bool:
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * self.shape[1] * self.dtype.itemsize)
+            return f.readinto(out.reshape(-1).view(np.uint8)) == out.nbytes
+
+    def _truncated(self, start: int, stop: int):
+        raise ValueError(
+            f"{str(self.file)!r} is truncated: rows {start}..{stop} could not be read. Re-create it "
+            "with embed_to_memmap."
+        )
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         if self.rows is not None:
             idx = self.rows[start:stop]
             if self.array is not None:
@@ -249,11 +277,24 @@ class _Rows:
             f.seek(self.offset + start * d * self.dtype.itemsize)
             out = np.fromfile(f, dtype=self.dtype, count=(stop - start) * d)
         if out.size != (stop - start) * d:
-            raise ValueError(
-                f"{str(self.file)!r} is truncated: rows {start}..{stop} could not be read. Re-create it "
-                "with embed_to_memmap."
-            )
+            self._truncated(start, stop)
         return out.reshape(stop - start, d)
+
+
+def _first_nonfinite_row(chunk: np.ndarray) -> int | None:
+    """The first row holding NaN or Inf, or None. A finite sum proves every entry finite (NaN and Inf
+    propagate through additions) without a chunk-sized mask; only a non-finite (or overflowing) sum needs the
+    row-by-row search."""
+    if chunk.dtype in (np.float32, np.float64):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.add.reduce(chunk, axis=None)):
+                return None
+    return _nonfinite_row_search(chunk)
+
+
+# Private embeddings read per chunk by default: 64 MiB (65536 rows of 256 float32).
+_CHUNK_BYTES = 1 << 26
+_aligned_empty = _validate.aligned_empty
 
 
 def _npy_header(path: pathlib.Path):
@@ -317,7 +358,7 @@ def streamed_vote_histogram(
     private,
     synthetic,
     *,
-    chunk_rows: int = 65536,
+    chunk_rows: int | None = None,
     k: int = 1,
     metric: str = "l2",
     group_ids=None,
@@ -335,8 +376,9 @@ def streamed_vote_histogram(
         :func:`embed_to_memmap`), a memory-mapped array, or any array with row slicing (NumPy, JAX, h5py).
         ``.npy`` files, given by path or as a ``np.memmap`` of a whole file, are read with plain reads.
       synthetic: (m, d) floating synthetic embeddings (finite), m >= k; held on the device.
-      chunk_rows: private rows voted per step (the last chunk is padded; padded rows cast no vote). Memory
-        setting only: it changes neither the votes nor the privacy guarantee.
+      chunk_rows: private rows voted per step (default: 64 MiB of rows, e.g. 65536 rows of 256 float32; the
+        last chunk is padded, and padded rows cast no vote). Memory setting only: it changes neither the votes
+        nor the privacy guarantee.
       k: each private sample votes for its k nearest synthetic samples with weight 1/sqrt(k).
       metric: ``"l2"``, ``"cosine"`` or ``"ip"``, as in :func:`pejax.nearest_neighbors`.
       group_ids: optional (n,) integer user ids (user-level privacy); keeps the (n, k) int32 indices in memory.
@@ -363,7 +405,8 @@ def streamed_vote_histogram(
     _validate.one_of("metric", metric, _nn.METRICS)
     _nn.check_matmul_precision(precision, "streamed_vote_histogram")
     k = _validate.positive_int("k", k)
-    chunk_rows = _validate.positive_int("chunk_rows", chunk_rows)
+    if chunk_rows is not None:
+        chunk_rows = _validate.positive_int("chunk_rows", chunk_rows)
     if block_size is not None:
         _validate.positive_int("block_size", block_size)
     if key_block_size is not None:
@@ -391,6 +434,8 @@ def streamed_vote_histogram(
         )
     groups = None if group_ids is None else _votes.dense_group_ids(group_ids, n)
     dtype = _common_dtype(rows.dtype, synthetic.dtype)
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
     if _nn.check_backend(backend, precision, synthetic) != "xla":
         return _streamed_on_host(
             rows,
@@ -417,13 +462,17 @@ def streamed_vote_histogram(
     pending = None  # (start, stop, device indices) of the chunk in flight, at user level
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        chunk = rows.read(start, stop)
-        bad = _first_nonfinite_row(chunk)
+        chunk = rows.read(start, stop, chunk_rows if rows.dtype == dtype else None)
+        bad = _first_nonfinite_row(chunk[: stop - start])
         if bad is not None:
             raise ValueError(_nonfinite_message("private", start + bad))
-        chunk = chunk.astype(dtype, copy=False)
-        if chunk.shape[0] < chunk_rows:
-            chunk = np.pad(chunk, ((0, chunk_rows - chunk.shape[0]), (0, 0)))
+        if chunk.dtype != dtype or chunk.shape[0] < chunk_rows:
+            wide = _aligned_empty((chunk_rows, d), dtype)
+            wide[: stop - start] = chunk[: stop - start]
+            wide[stop - start :] = 0
+            chunk = wide
+        # device_put uses an aligned chunk in place; the chunk is a fresh buffer, never written again.
+        chunk = jax.device_put(chunk)
         if groups is None:
             previous = counts
             counts = _count_chunk(counts, chunk, jnp.int32(stop - start), keys, **kernel)
@@ -437,6 +486,9 @@ def streamed_vote_histogram(
                 indices[a:b] = np.asarray(idx)[: b - a]
             pending = current
     if groups is None:
+        # Wait for the last chunk: an aligned chunk of the caller's array is used in place, so no vote may
+        # still read it once this function has returned.
+        counts.block_until_ready()
         return (
             _votes.sample_lattice(np.asarray(counts), k=k) if _lattice else _scale_counts(counts, k)
         )
