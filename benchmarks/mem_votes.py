@@ -11,9 +11,9 @@ keep the previous call's large freed blocks resident and reuse them, hiding a co
 
 Usage (from the repository root)::
 
-  python experiments/mem_votes.py 10000 10000 2048 --k 1            # the bench's d2048 case
-  python experiments/mem_votes.py 10000 10000 2048 --aligned
-  python experiments/mem_votes.py 70000 100000 256 --stream /tmp/mem_votes   # streamed, 65536-row chunks
+  python benchmarks/mem_votes.py 10000 10000 2048 --k 1            # the bench's d2048 case
+  python benchmarks/mem_votes.py 10000 10000 2048 --aligned
+  python benchmarks/mem_votes.py 70000 100000 256 --stream /tmp/mem_votes   # streamed, 65536-row chunks
 """
 
 from __future__ import annotations
