@@ -237,7 +237,7 @@ def _chunked(call: Callable, n: int, rows: int, generator, key=None, tree=None):
     padded = None if tree is None else tree_take(tree, np.minimum(np.arange(chunks * rows), n - 1))
     parts = [
         call(
-            key if chunks == 1 or key is None else _fold_in(key, np.int32(i)),
+            key if chunks == 1 or key is None else _chunk_key(key, i),
             None if padded is None else tree_take(padded, np.arange(i * rows, (i + 1) * rows)),
         )
         for i in range(chunks)
@@ -385,7 +385,7 @@ def init(key: jax.Array, *, generator, class_sizes: Sequence[int]) -> PEState:
     rows = bucket_size(max(sizes))
     parts = [
         random(
-            _fold_in(_fold_in(key, np.int32(0)), np.int32(y)),
+            _keys(key, np.int32(0), np.int32(y))[0],
             y,
             sizes[y],
             rows,
@@ -446,7 +446,6 @@ def step(
         raise ValueError(
             f"state.iteration is {state.iteration}, already pe.iterations; the run is complete."
         )
-    kt = _fold_in(state.key, np.int32(t))
     timings = dict.fromkeys(("generation", "embedding", "votes", "selection"), 0.0)
     stats: dict[str, Any] = {
         "noise_multiplier": noise_multiplier,
@@ -459,7 +458,7 @@ def step(
     candidates = tree_split(state.samples, state.class_sizes)
     for y, cand in enumerate(candidates):
         out, noisy, fallback, phase = class_step(
-            kt,
+            state.key,
             t,
             y,
             cand,
@@ -486,7 +485,7 @@ def step(
 
 
 def class_step(
-    kt,
+    key,
     t,
     y,
     cand,
@@ -503,7 +502,7 @@ def class_step(
     """Votes, noise, selection and variation of class y at iteration t (timed by phase)."""
     m = class_sizes[y]
     rows = bucket_size(max(class_sizes))  # one padded size for every class: one set of programs
-    k_look, k_sel, k_var = _class_keys(kt, np.int32(y))
+    k_look, k_sel, k_var = _keys(key, np.int32(t), np.int32(y))[1:]
     t0 = time.perf_counter()
     emb = embed_candidates(
         k_look,
@@ -548,16 +547,18 @@ def class_step(
 
 
 @quick_jit
-def _fold_in(key, data):
-    """``jax.random.fold_in`` as one small program for every ``data`` (eager key ops compile several)."""
-    return jax.random.fold_in(key, data)
+def _keys(key, a, b):
+    """``k = fold_in(fold_in(key, a), b)`` and ``split(k, 3)``: every key the engine derives, one program.
+
+    Initial population of class y: ``k`` at (0, y); iteration t, class y: the split (lookahead, selection,
+    variation) at (t, y); chunk i > 0 of a chunked call: ``k`` at (i, 0)."""
+    k = jax.random.fold_in(jax.random.fold_in(key, a), b)
+    k_look, k_sel, k_var = jax.random.split(k, 3)
+    return k, k_look, k_sel, k_var
 
 
-@quick_jit
-def _class_keys(kt, y):
-    """The (lookahead, selection, variation) keys of class y: ``split(fold_in(kt, y), 3)``."""
-    k_look, k_sel, k_var = jax.random.split(jax.random.fold_in(kt, y), 3)
-    return k_look, k_sel, k_var
+def _chunk_key(key, i: int):
+    return _keys(key, np.int32(i), np.int32(0))[0]
 
 
 def num_parents(pe: PEConfig, t: int, m: int, final_size: int) -> int:
@@ -592,7 +593,7 @@ def select_parents_bucketed(
     chunks = -(-num_samples // width)
     parts = []
     for i in range(chunks):
-        k = key if i == 0 else _fold_in(key, np.int32(i))
+        k = key if i == 0 else _chunk_key(key, i)
         idx, all_zero = _select(k, hist, np.int32(m), num_samples=width, mode=mode)
         parts.append(host(idx))
     return np.concatenate(parts)[:num_samples], bool(all_zero)
