@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,21 @@ def compiles(log: str) -> tuple[int, float]:
     return len(seconds), sum(seconds)
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds used by every process since boot (/proc/stat, all cores)."""
+    with open("/proc/stat") as f:
+        parts = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the demo runs)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=pathlib.Path, default=None, help="markdown results file")
@@ -77,6 +93,7 @@ def main(argv=None) -> int:
         )
         return 2
     rows = {}
+    busy0, own0 = _busy_cpu_s(), _own_cpu_s()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         cache = tmp / "cache"
@@ -90,6 +107,9 @@ def main(argv=None) -> int:
         rows["warm"] = (warm, *compiles(log))
         elapsed = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
+    # Other processes' CPU during the benchmark, in cores (the load average after counts the demo runs themselves).
+    others = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / elapsed
+    busy = load_before > 0.5 or others > 0.2
     ratio = pe_seconds(rows["cold"][0]) / pe_seconds(rows["warm"][0])
     lines = [
         "# Cold vs warm compilation cache: the digits demo",
@@ -98,8 +118,9 @@ def main(argv=None) -> int:
         f"- machine: {os.cpu_count()} CPU cores; jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"OMP/OPENBLAS threads: {os.environ.get('OMP_NUM_THREADS', 'unset')}/"
         f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}",
-        f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"
-        + (" (BUSY: figures not comparable)" if max(load_before, load_after) > 0.5 else ""),
+        f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f} (after includes the demo "
+        f"runs themselves); other processes' CPU during the runs: {others:.2f} cores"
+        + (" (BUSY: figures not comparable)" if busy else ""),
         f"- total benchmark time {elapsed:.0f} s (three demo runs)",
         "",
         "| run | XLA programs compiled | compile seconds | PE time (s) | run time (s) | test accuracy |",

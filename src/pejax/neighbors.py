@@ -38,6 +38,9 @@ _MAX_BLOCK_ELEMENTS = 1 << 23
 # Fewest query rows of a default block: with many keys, keys are blocked rather than query rows thinned (a
 # matmul of a few rows against many keys is bound by reading the keys).
 _MIN_QUERY_BLOCK = 256
+# Small embeddings: the score block, not the matmul, is the cost; keep it near the cache size.
+_SMALL_DIM = 128
+_CACHE_BLOCK_ELEMENTS = 1 << 19
 # Measured on a 2-core AVX-512 CPU (benchmarks/bench_votes.py): 512-row query blocks keep the score block
 # nearer the caches than 2048-row ones, which makes the reductions after the matmul cheaper for d <= 512
 # and costs nothing for d = 2048.
@@ -80,12 +83,19 @@ def balanced_block(n: int, block_size: int) -> tuple[int, int]:
     return num_blocks, rows
 
 
-def default_block_sizes(n: int, m: int, block_size: int | None) -> tuple[int, int]:
+def default_block_sizes(
+    n: int, m: int, block_size: int | None, dim: int | None = None
+) -> tuple[int, int]:
     """Chooses (query block, key block) sizes so one score block holds about 2**23 elements at most.
 
     Query blocks hold up to 512 rows (at least 256 while n allows); keys are split into balanced blocks (a
-    multiple of 128) only when all m keys would not fit the budget with those rows.
+    multiple of 128) only when all m keys would not fit the budget with those rows. For small embeddings
+    (``dim`` <= 128) the reductions over the scores, not the matmul, set the time: query blocks then hold 128-256
+    rows, so that a score block of about 2**19 elements stays in the CPU cache (measured on this project's CPU:
+    5000 x 5000 x 16 took 12.9 ms instead of 24.8, 2000 x 2000 x 64 4.0 instead of 4.5, d = 256 unchanged).
     """
+    if block_size is None and dim is not None and dim <= _SMALL_DIM:
+        block_size = min(max(128, min(256, _CACHE_BLOCK_ELEMENTS // max(m, 1))), n)
     if block_size is None:
         block_size = min(
             max(_MIN_QUERY_BLOCK, min(_MAX_QUERY_BLOCK, _MAX_BLOCK_ELEMENTS // max(m, 1))), n
@@ -633,12 +643,19 @@ def nearest_neighbors(
         block_size=block_size,
         key_block_size=key_block_size,
         precision=precision,
+        dim=queries.shape[1],
     )
     return _knn(queries, keys, k=k, metric=metric, **plan)
 
 
 def block_plan(
-    n: int, m: int, *, block_size: int | None, key_block_size: int | None, precision: str
+    n: int,
+    m: int,
+    *,
+    block_size: int | None,
+    key_block_size: int | None,
+    precision: str,
+    dim: int | None = None,
 ) -> dict:
     """Validates the speed settings and returns the static keyword arguments of the blocked kernel.
 
@@ -650,7 +667,7 @@ def block_plan(
     if key_block_size is not None:
         _validate.positive_int("key_block_size", key_block_size)
     _validate.one_of("precision", precision, tuple(_PRECISIONS))
-    qb, kb = default_block_sizes(n, m, block_size)
+    qb, kb = default_block_sizes(n, m, block_size, dim)
     if key_block_size is not None:
         kb = min(key_block_size, m)
     num_blocks, rows = balanced_block(n, qb)

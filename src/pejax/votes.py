@@ -230,6 +230,7 @@ def vote_histogram(
         block_size=block_size,
         key_block_size=key_block_size,
         precision=precision,
+        dim=private.shape[1],
     )
     # One compiled program (search and histogram together), one dispatch: this matters for small inputs.
     return _vote_histogram(private, synthetic, groups, k=k, metric=metric, **plan)
@@ -400,6 +401,7 @@ def lattice_vote_histogram(
         block_size=block_size,
         key_block_size=key_block_size,
         precision=precision,
+        dim=private.shape[1],
     )
     counts, indices = _masked_votes(
         private,
