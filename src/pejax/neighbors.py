@@ -39,7 +39,7 @@ _MAX_BLOCK_ELEMENTS = 1 << 23
 # matmul of a few rows against many keys is bound by reading the keys).
 _MIN_QUERY_BLOCK = 256
 # Small embeddings: the score block, not the matmul, is the cost; keep it near the cache size.
-_SMALL_DIM = 128
+_SMALL_DIM = 32
 _CACHE_BLOCK_ELEMENTS = 1 << 19
 # Measured on a 2-core AVX-512 CPU (benchmarks/bench_votes.py): 512-row query blocks keep the score block
 # nearer the caches than 2048-row ones, which makes the reductions after the matmul cheaper for d <= 512
@@ -89,10 +89,11 @@ def default_block_sizes(
     """Chooses (query block, key block) sizes so one score block holds about 2**23 elements at most.
 
     Query blocks hold up to 512 rows (at least 256 while n allows); keys are split into balanced blocks (a
-    multiple of 128) only when all m keys would not fit the budget with those rows. For small embeddings
-    (``dim`` <= 128) the reductions over the scores, not the matmul, set the time: query blocks then hold 128-256
-    rows, so that a score block of about 2**19 elements stays in the CPU cache (measured on this project's CPU:
-    5000 x 5000 x 16 took 12.9 ms instead of 24.8, 2000 x 2000 x 64 4.0 instead of 4.5, d = 256 unchanged).
+    multiple of 128) only when all m keys would not fit the budget with those rows. For tiny embeddings
+    (``dim`` <= 32) the reductions over the scores, not the matmul, set the time: query blocks then hold 128-256
+    rows, so that a score block of about 2**19 elements stays in the CPU cache (benchmarks/bench_votes.py on
+    this project's quiet 2-core CPU, 5000 x 5000 x 16: 22.3 ms median instead of 29.1; at d = 64, 2000 x 2000,
+    the same rule was slower, 10.5 ms instead of 8.0, so it stops at d = 32).
     """
     if block_size is None and dim is not None and dim <= _SMALL_DIM:
         block_size = min(max(128, min(256, _CACHE_BLOCK_ELEMENTS // max(m, 1))), n)
