@@ -203,16 +203,7 @@ class ContinuousNoise(PrivateEvolution):
     """Bug: float32 Gaussian noise on the real-valued histogram (leaks through its floating-point support)."""
 
     def _step(self, state, votes, noise_key, plan):
-        return engine.step(
-            state,
-            votes,
-            noise_key=noise_key,
-            generator=self.generator,
-            embedding=self.embedding,
-            pe=self.pe,
-            noise_multiplier=plan.sigma,
-            mechanism=_float_gaussian,
-        )
+        return super()._step(state, votes, noise_key, plan, mechanism=_float_gaussian)
 
 
 def _float_gaussian(noise_key, votes, *, noise_multiplier):

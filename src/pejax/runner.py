@@ -583,8 +583,9 @@ class PrivateEvolution:
             mesh=self.mesh,
         )
 
-    def _step(self, state, votes, noise_key: NoiseKey, plan: _Plan):
-        """One iteration: :func:`pejax.engine.step` (the audit's planted bugs change this call)."""
+    def _step(self, state, votes, noise_key: NoiseKey, plan: _Plan, **overrides):
+        """One iteration: :func:`pejax.engine.step` (the audit's planted bugs change this call; ``overrides`` are
+        passed on, e.g. ``mechanism=``)."""
         return engine.step(
             state,
             votes,
@@ -593,6 +594,7 @@ class PrivateEvolution:
             embedding=self.embedding,
             pe=self.pe,
             noise_multiplier=plan.sigma,
+            **overrides,
         )
 
     def _global_counts(self, labels, group_ids) -> np.ndarray:
