@@ -380,7 +380,14 @@ def test_ctrl_c_is_one_line_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "out"
     args = [*CLI, "run", str(config), "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(
-        args, env=ENV, text=True, stderr=subprocess.PIPE, stdout=subprocess.PIPE
+        args,
+        env=ENV,
+        text=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        # A suite started in the background (`cmd &` in a script) passes SIGINT on as ignored, and Python then
+        # keeps ignoring it: restore the default so the child gets Ctrl-C as a user's terminal would send it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not ckpt.list_checkpoints(out / "checkpoints") and time.monotonic() < deadline:
