@@ -68,6 +68,16 @@ def to_device(x: Any, dtype: Any = None) -> jax.Array:
     return jax.device_put(arr)
 
 
+def leading_rows(x: Any, n: int) -> jax.Array:
+    """The first ``n`` rows of ``x`` as a JAX array (``x`` itself when it has n rows). CPU arrays are sliced in
+    NumPy: slicing a JAX array compiles a program per size."""
+    if x.shape[0] == n:
+        return x
+    if on_host(x):
+        return jax.device_put(np.asarray(x)[:n])
+    return x[:n]
+
+
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Returns ``value`` as an ``int`` after checking it is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

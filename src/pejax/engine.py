@@ -343,7 +343,7 @@ class PrivateVotes:
 
             return streamed_lattice_vote_histogram(
                 self.stream,
-                _first_rows(candidates, m),
+                _validate.leading_rows(candidates, m),
                 rows=self.embeddings[label],
                 backend=self.speed.backend,
                 **kw,
@@ -353,11 +353,14 @@ class PrivateVotes:
             from pejax.sharding import sharded_lattice_vote_histogram
 
             return sharded_lattice_vote_histogram(
-                _first_rows(private, n), _first_rows(candidates, m), mesh=self.mesh, **kw
+                _validate.leading_rows(private, n),
+                _validate.leading_rows(candidates, m),
+                mesh=self.mesh,
+                **kw,
             )
         if n == 0:
             return lattice_vote_histogram(
-                private, _first_rows(candidates, m), backend=self.speed.backend, **kw
+                private, _validate.leading_rows(candidates, m), backend=self.speed.backend, **kw
             )
         return lattice_vote_histogram(
             private,
@@ -367,12 +370,6 @@ class PrivateVotes:
             backend=self.speed.backend,
             **kw,
         )
-
-
-def _first_rows(x, n: int):
-    if int(np.shape(x)[0]) == n:
-        return x
-    return jax.device_put(host(x)[:n])
 
 
 # --------------------------------------------------------------------------------------------- the engine

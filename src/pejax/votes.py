@@ -208,22 +208,13 @@ def vote_histogram(
     )
     groups = None if group_ids is None else dense_group_ids(group_ids, private.shape[0])
     _validate.one_of("precision", precision, _nn.PRECISIONS)
-    if _nn.check_backend(backend, precision, private, synthetic) != "xla":
-        indices = _nn.host_knn(private, synthetic, k, metric, block_size, key_block_size, backend)[
-            1
-        ]
+    if _nn.check_backend(backend, precision, private, synthetic) != "xla" or (
+        precision == _nn.BFLOAT16
+    ):
+        indices = _indices_outside_kernel(
+            private, synthetic, k, metric, block_size, key_block_size, backend
+        )
         return _votes_from(jax.device_put(indices), groups, m=synthetic.shape[0], k=k)
-    if precision == _nn.BFLOAT16:
-        indices = _nn._knn_bfloat16(
-            private,
-            synthetic,
-            k=k,
-            metric=metric,
-            block_size=block_size,
-            key_block_size=key_block_size,
-            extra_candidates=_nn.DEFAULT_EXTRA_CANDIDATES,
-        )[0].indices
-        return _votes_from(indices, groups, m=synthetic.shape[0], k=k)
     plan = _nn.block_plan(
         private.shape[0],
         synthetic.shape[0],
@@ -377,21 +368,13 @@ def lattice_vote_histogram(
         precision == _nn.BFLOAT16
     ):
         # Host searches and the bfloat16 re-check work on the data rows alone.
-        private, synthetic = _leading_rows(private, n), _leading_rows(synthetic, m)
-        if backend != "xla":
-            indices = _nn.host_knn(
-                private, synthetic, k, metric, block_size, key_block_size, backend
-            )[1]
-        else:
-            indices = _nn._knn_bfloat16(
-                private,
-                synthetic,
-                k=k,
-                metric=metric,
-                block_size=block_size,
-                key_block_size=key_block_size,
-                extra_candidates=_nn.DEFAULT_EXTRA_CANDIDATES,
-            )[0].indices
+        private, synthetic = (
+            _validate.leading_rows(private, n),
+            _validate.leading_rows(synthetic, m),
+        )
+        indices = _indices_outside_kernel(
+            private, synthetic, k, metric, block_size, key_block_size, backend
+        )
         if groups is None:
             return sample_lattice(np.bincount(np.asarray(indices).reshape(-1), minlength=m), k=k)
         return user_lattice(np.asarray(indices), groups, num_bins=m, k=k)
@@ -462,6 +445,22 @@ def _route(private, synthetic, mesh, chunk_rows, backend, kw, *, lattice: bool):
     return None
 
 
+def _indices_outside_kernel(private, synthetic, k, metric, block_size, key_block_size, backend):
+    """(n, k) neighbour indices on the paths outside the fused XLA vote kernel: a host backend (``"blas"``,
+    ``"faiss"``), or ``backend="xla"`` with ``precision="bfloat16"`` (bfloat16 search, float32 re-check)."""
+    if backend != "xla":
+        return _nn.host_knn(private, synthetic, k, metric, block_size, key_block_size, backend)[1]
+    return _nn._knn_bfloat16(
+        private,
+        synthetic,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        key_block_size=key_block_size,
+        extra_candidates=_nn.DEFAULT_EXTRA_CANDIDATES,
+    )[0].indices
+
+
 def _valid_rows(name: str, value, rows: int, what: str) -> int:
     if value is None:
         return rows
@@ -472,14 +471,6 @@ def _valid_rows(name: str, value, rows: int, what: str) -> int:
             "(the rest is padding)."
         )
     return value
-
-
-def _leading_rows(x: jax.Array, n: int) -> jax.Array:
-    if x.shape[0] == n:
-        return x
-    if _validate.on_host(x):  # NumPy slicing: no program compiled per size
-        return jax.device_put(np.asarray(x)[:n])
-    return x[:n]
 
 
 @functools.partial(
