@@ -191,3 +191,6 @@ def test_source_specific_options_are_refused_elsewhere(tmp_path):
         vote_histogram(x, x, chunk_rows=3)
     with pytest.raises(ValueError, match="in-memory private arrays only"):
         votes.lattice_vote_histogram(str(tmp_path / "p.npy"), x, num_private=2)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with pytest.raises(ValueError, match="cannot vote over a device mesh"):
+        vote_histogram(x, x, mesh=mesh, backend="blas")
