@@ -72,6 +72,33 @@ def test_ties_go_to_lowest_index(key_block_size):
     assert out.indices.tolist() == [[1, 3, 4], [0, 2, 5]]
 
 
+# (m, d, k, key_block_size): many keys (the grouped top-k and group-minimum paths), m not a multiple of the
+# 16-key groups, the k answers spread over groups, several key blocks.
+TIED_CASES = [
+    (203, 3, 1, None),
+    (203, 3, 5, None),
+    (203, 64, 17, None),
+    (517, 8, 4, 128),
+    (517, 8, 1, 128),
+]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("case", TIED_CASES)
+def test_exact_ties_in_many_keys_keep_the_lowest_index_order(case, metric):
+    # Small-integer vectors: every score is an exact float32 integer, so the many duplicate keys tie exactly
+    # whatever the summation order, and the answer is fixed: ascending score, ties by ascending index.
+    m, d, k, kbs = case
+    rng = np.random.default_rng(m + d + k)
+    distinct = rng.integers(-3, 4, size=(m // 3, d)).astype(np.float32)
+    keys = distinct[rng.integers(0, m // 3, size=m)]
+    queries = rng.integers(-3, 4, size=(41, d)).astype(np.float32)
+    out = pejax.nearest_neighbors(queries, keys, k=k, metric=metric, key_block_size=kbs)
+    ref_d, ref_i, _ = knn(queries, keys, k, metric)
+    np.testing.assert_array_equal(np.asarray(out.indices), ref_i)
+    np.testing.assert_array_equal(np.asarray(out.distances), ref_d.astype(np.float32))
+
+
 def test_squared_l2_distances():
     out = pejax.nearest_neighbors(jnp.array([[0.0, 0.0]]), jnp.array([[3.0, 4.0]]))
     assert float(out.distances[0, 0]) == pytest.approx(25.0)

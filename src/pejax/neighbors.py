@@ -38,20 +38,25 @@ _MAX_BLOCK_ELEMENTS = 1 << 23
 # Fewest query rows of a default block: with many keys, keys are blocked rather than query rows thinned (a
 # matmul of a few rows against many keys is bound by reading the keys).
 _MIN_QUERY_BLOCK = 256
-# Small embeddings: the score block, not the matmul, is the cost; keep it near the cache size.
-_SMALL_DIM = 32
-_CACHE_BLOCK_ELEMENTS = 1 << 19
-# Measured on a 2-core AVX-512 CPU (benchmarks/bench_votes.py): 512-row query blocks keep the score block
-# nearer the caches than 2048-row ones, which makes the reductions after the matmul cheaper for d <= 512
-# and costs nothing for d = 2048.
+# Up to this dimension the passes over the score block (bias, reductions, top-k), not the matmul, set the time
+# unless the block stays near the CPU caches: the default block then holds about 2**20 scores (4 MiB), with
+# keys split into blocks beyond that. Whole kernel, median of 12-25 interleaved calls on this project's 2-core
+# CPU (load 0.6-1.7), default block before -> this one: 3000 x 20000 x 64, 80.6 -> 38.0 ms (faiss-cpu 55);
+# 10000 x 10000 x 128, 150 -> 102 ms (faiss 141); 5000 x 20000 x 256, 221 -> 169 ms (faiss 281); 5000 x 20000
+# x 512, 325 -> 288 ms (faiss 513). At d = 2048 the smaller block was 1.07x slower, so the budget stops here.
+_CACHE_BLOCK_MAX_DIM = 512
+_CACHE_BLOCK_ELEMENTS = 1 << 20
 _MAX_QUERY_BLOCK = 512
 _ROW_MULTIPLE = 8
-# Up to this dimension, k = 1 blocks are scored keys-major ((keys, rows), reduced over the major axis). Whole
+# Up to this dimension, blocks are scored keys-major ((keys, rows), reduced over the major axis; k > 1 through
+# the grouped top-k of :func:`_smallest_keys_major`: 5000 x 20000 x 64, k = 4, 250 -> 114 ms). k = 1, whole
 # vote kernel, keys-major / rows-major time (2-core AVX-512 CPU shared with other work, load 2.6-2.8,
 # interleaved medians of 80 calls): 0.84 at 2000 x 2000 x 64, 0.86 at 5000 x 5000 x 16, 0.83 at 1000 x 3000
 # x 32, 0.95 at d = 128; a bare block took 0.97x at d = 256, 1.03x at d = 512 and 1.34x at d = 2048.
 _KEYS_MAJOR_MAX_DIM = 128
 _INT32_MAX = 2**31 - 1
+# Keys per group in :func:`_smallest_keys_major`.
+_GROUP = 16
 
 
 class Neighbors(NamedTuple):
@@ -89,19 +94,16 @@ def default_block_sizes(
     """Chooses (query block, key block) sizes so one score block holds about 2**23 elements at most.
 
     Query blocks hold up to 512 rows (at least 256 while n allows); keys are split into balanced blocks (a
-    multiple of 128) only when all m keys would not fit the budget with those rows. For tiny embeddings
-    (``dim`` <= 32) the reductions over the scores, not the matmul, set the time: query blocks then hold 128-256
-    rows, so that a score block of about 2**19 elements stays in the CPU cache (benchmarks/bench_votes.py on
-    this project's quiet 2-core CPU, 5000 x 5000 x 16: 22.3 ms median instead of 29.1; at d = 64, 2000 x 2000,
-    the same rule was slower, 10.5 ms instead of 8.0, so it stops at d = 32).
+    multiple of 128) only when all m keys would not fit the budget with those rows. For embeddings of up to
+    512 dimensions (``dim``) the budget is 2**20 elements instead, a block near the CPU caches (see
+    ``_CACHE_BLOCK_MAX_DIM``).
     """
-    if block_size is None and dim is not None and dim <= _SMALL_DIM:
-        block_size = min(max(128, min(256, _CACHE_BLOCK_ELEMENTS // max(m, 1))), n)
+    budget = _MAX_BLOCK_ELEMENTS
+    if dim is not None and dim <= _CACHE_BLOCK_MAX_DIM:
+        budget = _CACHE_BLOCK_ELEMENTS
     if block_size is None:
-        block_size = min(
-            max(_MIN_QUERY_BLOCK, min(_MAX_QUERY_BLOCK, _MAX_BLOCK_ELEMENTS // max(m, 1))), n
-        )
-    key_block = max(1, _MAX_BLOCK_ELEMENTS // max(block_size, 1))
+        block_size = min(max(_MIN_QUERY_BLOCK, min(_MAX_QUERY_BLOCK, budget // max(m, 1))), n)
+    key_block = max(1, budget // max(block_size, 1))
     if key_block >= m:
         return block_size, m
     num_key_blocks = -(-m // key_block)
@@ -136,6 +138,38 @@ def _min_with_index_keys_major(scores_t: jax.Array) -> tuple[jax.Array, jax.Arra
     keys = lax.broadcasted_iota(jnp.int32, scores_t.shape, 0)
     idx = jnp.min(jnp.where(scores_t <= best, keys, _INT32_MAX), axis=0, keepdims=True)
     return best.T, idx.T
+
+
+def _smallest_keys_major(scores_t: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`_smallest` of ``scores_t.T`` (k > 1) from the (keys, rows) block, sorting 1/16 of the scores.
+
+    ``lax.top_k`` over a whole block is a per-row partial sort of every score. Here one pass over the block
+    takes the minimum of each group of :data:`_GROUP` consecutive keys (element-wise over whole rows of the
+    block, vectorised); ``top_k`` of those group minima picks k groups; their scores are gathered and ``top_k``
+    picks the k smallest of them. Exact, and in the same order as :func:`_smallest`, ties to the lowest key
+    index: order the groups by (minimum score, group index); each of the k smallest (score, index) pairs lies in
+    a group whose own smallest pair is no larger, and no two of them share that group's smallest pair, so the k
+    first groups hold all k answers. The chosen groups are sorted by index before gathering, so the gathered
+    candidates run in ascending key order and ``top_k``'s lowest-position tie rule is the lowest-index rule.
+    Returns (rows, k) scores ascending and int32 key indices.
+    """
+    m, rows = scores_t.shape
+    num_full = m // _GROUP
+    if num_full <= k:
+        return _smallest(scores_t.T, k)
+    cut = num_full * _GROUP
+    group_min = jnp.min(scores_t[:cut].reshape(num_full, _GROUP, rows), axis=1)
+    if cut < m:
+        group_min = jnp.concatenate([group_min, jnp.min(scores_t[cut:], axis=0, keepdims=True)])
+    _, groups = lax.top_k(-group_min.T, k)  # (rows, k): the k groups with the smallest minima
+    groups = jnp.sort(groups, axis=1)
+    cand = (groups[:, :, None] * _GROUP + jnp.arange(_GROUP, dtype=jnp.int32)).reshape(
+        rows, k * _GROUP
+    )
+    inside = cand < m  # the last group may be shorter than _GROUP
+    vals = jnp.take_along_axis(scores_t, jnp.minimum(cand, m - 1).T, axis=0).T  # (rows, k * _GROUP)
+    neg, pos = lax.top_k(jnp.where(inside, -vals, -jnp.inf), k)
+    return -neg, jnp.take_along_axis(cand, pos, axis=1)
 
 
 def _smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -195,7 +229,7 @@ def _knn_scores(
         return bb[None, :] + dots  # (rows, key_block): smaller is nearer
 
     def block_smallest(q, kb, bb, kk):
-        if kk == 1 and d <= _KEYS_MAJOR_MAX_DIM:
+        if d <= _KEYS_MAJOR_MAX_DIM:
             # Small d: the reductions, not the matmul, dominate; score the block keys-major.
             dots_t = lax.dot_general(
                 kb,
@@ -204,7 +238,9 @@ def _knn_scores(
                 precision=precision,
                 preferred_element_type=jnp.float32,
             )
-            return _min_with_index_keys_major(bb[:, None] + dots_t)
+            if kk == 1:
+                return _min_with_index_keys_major(bb[:, None] + dots_t)
+            return _smallest_keys_major(bb[:, None] + dots_t, kk)
         return _smallest(block_scores(q, kb, bb), kk)
 
     def key_block_at(j):

@@ -330,7 +330,7 @@ def _replicated(mesh: Mesh, x: np.ndarray) -> jax.Array:
 
 def _local_knn(q, keys, *, k, metric, block_size, key_block_size, precision):
     rows, m = q.shape[0], keys.shape[0]
-    qb, kb = _nn.default_block_sizes(rows, m, block_size)
+    qb, kb = _nn.default_block_sizes(rows, m, block_size, q.shape[1])
     if key_block_size is not None:
         kb = min(key_block_size, m)
     num_blocks, block_rows = _nn.balanced_block(rows, qb)
