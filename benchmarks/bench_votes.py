@@ -20,6 +20,10 @@ How the numbers are made trustworthy:
 * **Repeated until the spread is stated**: at least ``--repeats`` repetitions, more (up to ``--max-repeats``)
   while any method's interquartile range exceeds ``--spread`` of its median; the table shows the median and
   the [min, max] of the repetitions and ratios as medians of per-repetition ratios with their range.
+* **Single calls or bursts**: by default each timed repetition is one call after the pause, so every call
+  starts on idle cores; ``--burst N`` times N back-to-back calls per repetition and reports the time per call,
+  the steady state of a run that votes once per class in a row. Calls of a few milliseconds spread 2-10x from
+  one to the next when timed singly (waking idle cores costs milliseconds on this VM); the file says which.
 * **Machine state**: the 1-minute load average is read before each case (after waiting up to ``--settle``
   seconds for it to fall below 0.5) and after it (after the same wait, once this benchmark's own work has
   stopped: the load average lags by about a minute), and the CPU time used by *other* processes during the case
@@ -75,6 +79,10 @@ CASES = {
     "d512": Case(name="d512", n=50000, m=20000, d=512, k=1),
     "k4": Case(name="k4", n=20000, m=20000, d=2048, k=4),
     "large": Case(name="large", n=200000, m=50000, d=256, k=1, full_matrix=False),
+    # Shapes a user tries: a few thousand private samples against many more low-dimensional candidates.
+    "wide": Case(name="wide", n=3000, m=20000, d=64, k=1),
+    "wide-k4": Case(name="wide-k4", n=5000, m=20000, d=64, k=4),
+    "lowdim-wide": Case(name="lowdim-wide", n=5000, m=50000, d=32, k=1),
 }
 
 QUICK = {
@@ -84,6 +92,9 @@ QUICK = {
     "d512": Case(name="d512", n=900, m=400, d=64, k=1),
     "k4": Case(name="k4", n=500, m=500, d=128, k=4),
     "large": Case(name="large", n=3000, m=1500, d=32, k=1, full_matrix=False),
+    "wide": Case(name="wide", n=200, m=700, d=16, k=1),
+    "wide-k4": Case(name="wide-k4", n=300, m=700, d=16, k=4),
+    "lowdim-wide": Case(name="lowdim-wide", n=300, m=900, d=8, k=1),
 }
 
 METHODS = (
@@ -253,7 +264,7 @@ def _threads_report(name: str) -> dict:
     return {"pools": pools, **extra}
 
 
-def worker(name: str, case: Case, slow_cap: float) -> int:
+def worker(name: str, case: Case, slow_cap: float, burst: int = 1) -> int:
     reply_fd = os.dup(1)
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the replies
     out = os.fdopen(reply_fd, "w", buffering=1)
@@ -291,9 +302,11 @@ def worker(name: str, case: Case, slow_cap: float) -> int:
             gc.collect()
             rss = _proc_kib("VmRSS")
             reset = _reset_peak()
+            calls = 1 if name == "gemm" else burst  # the GEMM timer takes its own best of several
             start = time.perf_counter()
-            result = run(inputs, synthetic, k)
-            t = (time.perf_counter() - start) * scale
+            for _ in range(calls):
+                result = run(inputs, synthetic, k)
+            t = (time.perf_counter() - start) / calls * scale
             peak = (
                 _proc_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             )
@@ -327,9 +340,9 @@ def worker(name: str, case: Case, slow_cap: float) -> int:
 
 
 class Worker:
-    def __init__(self, name: str, case_name: str, quick: bool, slow_cap: float):
+    def __init__(self, name: str, case_name: str, quick: bool, slow_cap: float, burst: int = 1):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--cases", case_name]
-        cmd += ["--slow-cap", str(slow_cap)] + (["--quick"] if quick else [])
+        cmd += ["--slow-cap", str(slow_cap), "--burst", str(burst)] + (["--quick"] if quick else [])
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
@@ -447,7 +460,7 @@ def time_case(case: Case, methods: list[str], args, log) -> Row:
     workers: dict[str, Worker] = {}
     try:
         for name in [*chosen, "gemm"]:
-            workers[name] = Worker(name, case.name, args.quick, args.slow_cap)
+            workers[name] = Worker(name, case.name, args.quick, args.slow_cap, args.burst)
             if workers[name].ready.get("note"):
                 notes[name] = workers[name].ready["note"]
         times = {name: [] for name in chosen}
@@ -658,8 +671,14 @@ def write_results(args, header, rows, methods, log) -> bool:
         f.write("- threads and BLAS per method (threadpoolctl, in each method's own process):\n")
         f.write("".join(f"  - {line}\n" for line in thread_lines(rows)))
         f.write(
-            "- timing: each method in its own process, one call at a time, methods interleaved in an order "
-            f"rotated every repetition, {args.gap} s of pause before each call; at least {args.repeats} "
+            "- timing: each method in its own process, "
+            + (
+                "one call at a time"
+                if args.burst == 1
+                else f"{args.burst} back-to-back calls per repetition, timed together and reported per call"
+            )
+            + ", methods interleaved in an order "
+            f"rotated every repetition, {args.gap} s of pause before each repetition; at least {args.repeats} "
             f"repetitions, more (up to {args.max_repeats}) "
             f"while a method's interquartile range exceeded {args.spread:.0%} of its median. Cells: median "
             "[min, max] seconds; ratios: median [min, max] of per-repetition ratios. The first call of each "
@@ -710,6 +729,13 @@ def main(argv=None) -> int:
         "for up to ~0.1 s and would steal cores from the next)",
     )
     parser.add_argument(
+        "--burst",
+        type=int,
+        default=1,
+        help="calls per timed repetition, back to back, reported per call (as the runner's one vote per "
+        "class); 1 times single calls after the --gap pause",
+    )
+    parser.add_argument(
         "--slow-cap", type=float, default=6.0, help="seconds before sklearn-l2 is subsampled"
     )
     parser.add_argument(
@@ -734,11 +760,13 @@ def main(argv=None) -> int:
     methods = [c.strip() for c in args.methods.split(",") if c.strip()]
     unknown = [c for c in names if c not in catalogue] + [m for m in methods if m not in METHODS]
     if args.worker:
-        return worker(args.worker, catalogue[names[0]], args.slow_cap)
+        return worker(args.worker, catalogue[names[0]], args.slow_cap, args.burst)
     if unknown or not names or not methods:
         parser.error(
             f"unknown or missing cases/methods {unknown}: cases from {list(catalogue)}, methods from {list(METHODS)}"
         )
+    if args.burst < 1:
+        parser.error(f"need --burst >= 1, got {args.burst}")
     if not 1 <= args.repeats <= args.max_repeats:
         parser.error(
             f"need 1 <= --repeats <= --max-repeats, got {args.repeats} and {args.max_repeats}"

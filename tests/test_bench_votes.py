@@ -62,3 +62,16 @@ def test_busy_machine_refuses_to_write_unless_allowed(tmp_path):
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert out.exists() and "BUSY" not in out.read_text(), busy_line
+
+
+def test_burst_times_back_to_back_calls_per_call(tmp_path):
+    proc, out = _run(tmp_path, "--allow-busy", "--burst", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "3 back-to-back calls per repetition, timed together and reported per call"
+        in out.read_text()
+    )
+    bad = subprocess.run(
+        [sys.executable, str(_SCRIPT), "--quick", "--burst", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--burst >= 1" in bad.stderr
