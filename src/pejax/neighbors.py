@@ -624,9 +624,10 @@ def nearest_neighbors(
       k: number of neighbours, 1 <= k <= m.
       metric: ``"l2"`` (squared Euclidean), ``"cosine"`` or ``"ip"`` (inner product); see the module docstring.
       block_size: queries per block (default: up to 512, and at least 256 while n allows, as many as keep one
-        score block under 2**23 elements). The last block reads the last rows again (no padded copy of the
-        queries), so all blocks share one static shape.
-      key_block_size: keys per block (default: all keys when a block of scores fits 2**23 elements, otherwise
+        score block under 2**23 elements, or 2**20 for d <= 512, where a cache-sized block makes the passes
+        over the scores cheaper). The last block reads the last rows again (no padded copy of the queries), so
+        all blocks share one static shape.
+      key_block_size: keys per block (default: all keys when a block of scores fits that budget, otherwise
         balanced blocks, a multiple of 128, that do; with several key blocks, at most ``max(128, 2**23 // d)``
         keys, since each key block is copied for the matmul). The kernel's working memory is about 2-3 score
         blocks (``block_size * key_block_size`` float32 each) plus a query block and a key block, beyond the
