@@ -1,12 +1,11 @@
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _peak_rss import needs_proc
+from _peak_rss import vote_extra_mib
 from _reference import knn
 
 import pejax
@@ -246,38 +245,7 @@ def test_bad_inputs_raise_clear_errors(mutate, kwargs, exc, match):
         pejax.nearest_neighbors(q, x, **kwargs)
 
 
-_INPLACE_SCRIPT = r"""
-import gc, sys
-import numpy as np
-
-def aligned(rows, d, align):
-    buf = np.empty(rows * d * 4 + 128, np.uint8)
-    off = (-buf.ctypes.data) % 128 + align  # exactly `align` bytes past a 128-byte boundary
-    x = buf[off : off + rows * d * 4].view(np.float32).reshape(rows, d)
-    x[:] = np.random.default_rng(rows).standard_normal((rows, d), dtype=np.float32)
-    return x
-
-def kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-import pejax
-n, d = 1500, 4096
-p, s = aligned(n, d, int(sys.argv[1])), aligned(n, d, int(sys.argv[1]))
-pejax.vote_histogram(p, s).block_until_ready()  # compile
-gc.collect()
-before = kib("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-h = np.asarray(pejax.vote_histogram(p, s))
-assert h.sum() == n
-print((kib("VmHWM") - before) / 1024)
-"""
-
-
-@pytest.mark.skipif(
-    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS"
-)
+@needs_proc
 def test_aligned_numpy_inputs_are_used_in_place():
     """64-byte-aligned float32 inputs reach the CPU device without a copy: the vote's extra resident memory
     (in a fresh process, peak RSS reset just before the call) stays well below the inputs' 47 MiB. The same
@@ -285,16 +253,11 @@ def test_aligned_numpy_inputs_are_used_in_place():
     inputs_mib = 2 * 1500 * 4096 * 4 / 2**20
 
     def extra(offset):
-        out = subprocess.run(
-            [sys.executable, "-c", _INPLACE_SCRIPT, str(offset)],
-            capture_output=True,
-            text=True,
-            check=True,
-            # A fixed mmap threshold: glibc otherwise keeps large freed blocks of the previous call resident
-            # and reuses them, which can hide a copy from the RSS peak.
-            env={**os.environ, "JAX_PLATFORMS": "cpu", "MALLOC_MMAP_THRESHOLD_": "65536"},
+        return vote_extra_mib(
+            "from _peak_rss import offset_array\n"
+            f"private = offset_array(1500, 4096, {offset}, seed=1)\n"
+            f"synthetic = offset_array(1500, 4096, {offset}, seed=2)\n"
         )
-        return float(out.stdout.split()[-1])
 
     in_place, copied = extra(0), extra(16)
     assert in_place < 0.4 * inputs_mib, (in_place, copied)

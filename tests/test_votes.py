@@ -1,12 +1,11 @@
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from _peak_rss import needs_proc
+from _peak_rss import offset_array
+from _peak_rss import vote_extra_mib
 from _reference import counter_histogram
 from _reference import group_histogram
 from _reference import knn
@@ -188,22 +187,11 @@ def test_one_entry_point_for_every_private_source(tmp_path):
     )
 
 
-def _unaligned(rows, d, dtype=np.float32, seed=0):
-    """A C-contiguous array whose data sit 16 bytes past a 64-byte boundary, as NumPy's own large arrays do:
-    the CPU device would copy it whole."""
-    item = np.dtype(dtype).itemsize
-    buf = np.empty(rows * d * item + 128, np.uint8)
-    off = (-buf.ctypes.data) % 64 + 16
-    x = buf[off : off + rows * d * item].view(dtype).reshape(rows, d)
-    x[:] = np.random.default_rng(seed).normal(size=(rows, d))
-    return x
-
-
 def test_large_unaligned_numpy_private_is_voted_in_chunks_with_the_same_votes():
     """A NumPy private array over 64 MiB that the device would copy is voted chunk by chunk (votes unchanged)."""
     synthetic = np.random.default_rng(1).normal(size=(40, 256)).astype(np.float32)
     for dtype, rows in ((np.float32, 70_000), (np.float64, 36_000)):
-        private = _unaligned(rows, 256, dtype)
+        private = offset_array(rows, 256, 16, dtype)
         assert private.nbytes > 64 * 2**20 and private.ctypes.data % 64 == 16
         on_device = jax.device_put(private.astype(np.float32))
         groups = np.arange(rows) % 997
@@ -219,44 +207,15 @@ def test_large_unaligned_numpy_private_is_voted_in_chunks_with_the_same_votes():
         vote_histogram(private, synthetic)
 
 
-_CHUNKED_SCRIPT = r"""
-import gc, sys
-import numpy as np
-sys.path.insert(0, sys.argv[1])
-from test_votes import _unaligned
-import pejax
-
-def kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-private = _unaligned(150_000, 256)
-synthetic = np.random.default_rng(1).normal(size=(50, 256)).astype(np.float32)
-pejax.vote_histogram(private, synthetic).block_until_ready()  # compile
-gc.collect()
-before = kib("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-h = np.asarray(pejax.vote_histogram(private, synthetic))
-assert h.sum() == 150_000
-print((kib("VmHWM") - before) / 1024)
-"""
-
-
-@pytest.mark.skipif(
-    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS"
-)
+@needs_proc
 def test_large_unaligned_numpy_private_is_not_copied_whole():
     """The chunked vote of a 146 MiB unaligned private array needs well under its size in extra memory (a whole
     copy, the old behaviour, needs all of it; test_neighbors' in-place test shows the measurement sees copies)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _CHUNKED_SCRIPT, str(pathlib.Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "MALLOC_MMAP_THRESHOLD_": "65536"},
+    extra_mib = vote_extra_mib(
+        "import numpy as np\nfrom _peak_rss import offset_array\n"
+        "private = offset_array(150_000, 256, 16)\n"
+        "synthetic = np.random.default_rng(1).normal(size=(50, 256)).astype(np.float32)\n"
     )
-    extra_mib = float(out.stdout.split()[-1])
     assert extra_mib < 0.4 * 150_000 * 256 * 4 / 2**20, extra_mib
 
 
