@@ -26,13 +26,14 @@ import json
 import os
 import pathlib
 import re
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import jax
+from _machine import busy_cpu_s
+from _machine import own_cpu_s
 
 
 def _demo(out: pathlib.Path, env: dict[str, str], extra: list[str]) -> tuple[dict, str]:
@@ -61,21 +62,6 @@ def compiles(log: str) -> tuple[int, float]:
     return len(seconds), sum(seconds)
 
 
-def _busy_cpu_s() -> float:
-    """CPU seconds used by every process since boot (/proc/stat, all cores)."""
-    with open("/proc/stat") as f:
-        parts = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children (the demo runs)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=pathlib.Path, default=None, help="markdown results file")
@@ -93,7 +79,7 @@ def main(argv=None) -> int:
         )
         return 2
     rows = {}
-    busy0, own0 = _busy_cpu_s(), _own_cpu_s()
+    busy0, own0 = busy_cpu_s(), own_cpu_s()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         cache = tmp / "cache"
@@ -108,7 +94,7 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
     # Other processes' CPU during the benchmark, in cores (the load average after counts the demo runs themselves).
-    others = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / elapsed
+    others = max(0.0, (busy_cpu_s() - busy0) - (own_cpu_s() - own0)) / elapsed
     busy = load_before > 0.5 or others > 0.2
     ratio = pe_seconds(rows["cold"][0]) / pe_seconds(rows["warm"][0])
     lines = [

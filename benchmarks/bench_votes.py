@@ -55,6 +55,8 @@ import sys
 import time
 
 import numpy as np
+from _machine import busy_cpu_s
+from _machine import own_cpu_s
 
 SEED = 0
 AGREEMENT_ROWS = 500
@@ -370,19 +372,6 @@ class Worker:
         self.proc.wait()
 
 
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        parts = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
-    return user + nice + system + irq + softirq + steal
-
-
-def _own_cpu_s() -> float:
-    self_ = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def settle(limit_s: float, log) -> float:
     """Waits up to ``limit_s`` seconds for the 1-minute load average to fall below BUSY_LOAD; returns it."""
     deadline = time.monotonic() + limit_s
@@ -456,7 +445,7 @@ def time_case(case: Case, methods: list[str], args, log) -> Row:
         else:
             chosen.append(name)
     load_before = settle(args.settle, log)
-    wall0, busy0, own0 = time.monotonic(), _busy_jiffies(), _own_cpu_s()
+    wall0, busy0, own0 = time.monotonic(), busy_cpu_s(), own_cpu_s()
     workers: dict[str, Worker] = {}
     try:
         for name in [*chosen, "gemm"]:
@@ -498,8 +487,7 @@ def time_case(case: Case, methods: list[str], args, log) -> Row:
         for w in workers.values():
             w.close()
     elapsed = time.monotonic() - wall0
-    hz = os.sysconf("SC_CLK_TCK")
-    foreign = max(0.0, ((_busy_jiffies() - busy0) / hz - (_own_cpu_s() - own0)) / elapsed)
+    foreign = max(0.0, ((busy_cpu_s() - busy0) - (own_cpu_s() - own0)) / elapsed)
     load_after = settle(args.settle, log)
     log(
         f"   load average before {load_before:.2f}, after {load_after:.2f}; other processes {foreign:.2f} cores"
