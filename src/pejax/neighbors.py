@@ -40,17 +40,18 @@ _MAX_BLOCK_ELEMENTS = 1 << 23
 _MIN_QUERY_BLOCK = 256
 # Up to this dimension the passes over the score block (bias, reductions, top-k), not the matmul, set the time
 # unless the block stays near the CPU caches: the default block then holds about 2**20 scores (4 MiB), with
-# keys split into blocks beyond that. Whole kernel, median of 12-25 interleaved calls on this project's 2-core
-# CPU (load 0.6-1.7), default block before -> this one: 3000 x 20000 x 64, 80.6 -> 38.0 ms (faiss-cpu 55);
-# 10000 x 10000 x 128, 150 -> 102 ms (faiss 141); 5000 x 20000 x 256, 221 -> 169 ms (faiss 281); 5000 x 20000
-# x 512, 325 -> 288 ms (faiss 513). At d = 2048 the smaller block was 1.07x slower, so the budget stops here.
+# keys split into blocks beyond that. Whole kernel, median of 15 interleaved calls on this project's 2-core CPU
+# (load 0.9-1.5, this measurement's own), old default block -> this one: 3000 x 20000 x 64, 80.9 -> 40.6 ms
+# (faiss-cpu 56.5); 10000 x 10000 x 128, 148 -> 105 ms (faiss 165); 5000 x 20000 x 256, 236 -> 210 ms (faiss
+# 292); at 5000 x 20000 x 512 no gain (325 -> 320-335 ms), but the quiet benchmark's 50000 x 20000 x 512 went
+# from 4.29 to 3.72 s. At d = 2048 a 2**20 block was 1.07x slower, so the budget stops at 512.
 _CACHE_BLOCK_MAX_DIM = 512
 _CACHE_BLOCK_ELEMENTS = 1 << 20
 _MAX_QUERY_BLOCK = 512
 _ROW_MULTIPLE = 8
 # Up to this dimension, blocks are scored keys-major ((keys, rows), reduced over the major axis; k > 1 through
-# the grouped top-k of :func:`_smallest_keys_major`: 5000 x 20000 x 64, k = 4, 250 -> 114 ms). k = 1, whole
-# vote kernel, keys-major / rows-major time (2-core AVX-512 CPU shared with other work, load 2.6-2.8,
+# the grouped top-k of :func:`_smallest_keys_major`: 5000 x 20000 x 64, k = 4, 213 -> 114 ms with the same
+# 424 x 20000 block). k = 1, whole vote kernel, keys-major / rows-major time (2-core AVX-512 CPU shared with other work, load 2.6-2.8,
 # interleaved medians of 80 calls): 0.84 at 2000 x 2000 x 64, 0.86 at 5000 x 5000 x 16, 0.83 at 1000 x 3000
 # x 32, 0.95 at d = 128; a bare block took 0.97x at d = 256, 1.03x at d = 512 and 1.34x at d = 2048.
 _KEYS_MAJOR_MAX_DIM = 128

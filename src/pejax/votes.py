@@ -466,7 +466,7 @@ _HOST_CHUNKED_MIN_BYTES = 1 << 26
 def _copied_whole(private) -> bool:
     """True for a plain 2-D NumPy array of more than 64 MiB that ``jax.device_put`` would copy whole: its data
     not 64-byte aligned (NumPy's own large arrays are 16-byte aligned), not C-contiguous, or not float32."""
-    if type(private) is not np.ndarray or private.ndim != 2 or private.size == 0:
+    if type(private) is not np.ndarray or private.ndim != 2:
         return False
     if private.nbytes <= _HOST_CHUNKED_MIN_BYTES or not np.issubdtype(private.dtype, np.floating):
         return False
