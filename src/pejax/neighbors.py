@@ -51,9 +51,10 @@ _MAX_QUERY_BLOCK = 512
 _ROW_MULTIPLE = 8
 # Up to this dimension, blocks are scored keys-major ((keys, rows), reduced over the major axis; k > 1 through
 # the grouped top-k of :func:`_smallest_keys_major`: 5000 x 20000 x 64, k = 4, 213 -> 114 ms with the same
-# 424 x 20000 block). k = 1, whole vote kernel, keys-major / rows-major time (2-core AVX-512 CPU shared with other work, load 2.6-2.8,
-# interleaved medians of 80 calls): 0.84 at 2000 x 2000 x 64, 0.86 at 5000 x 5000 x 16, 0.83 at 1000 x 3000
-# x 32, 0.95 at d = 128; a bare block took 0.97x at d = 256, 1.03x at d = 512 and 1.34x at d = 2048.
+# 424 x 20000 block). k = 1, whole vote kernel, keys-major / rows-major time (2-core AVX-512 CPU shared with
+# other work, load 2.6-2.8, interleaved medians of 80 calls): 0.84 at 2000 x 2000 x 64, 0.86 at 5000 x 5000
+# x 16, 0.83 at 1000 x 3000 x 32, 0.95 at d = 128; a bare block took 0.97x at d = 256, 1.03x at d = 512 and
+# 1.34x at d = 2048.
 _KEYS_MAJOR_MAX_DIM = 128
 _INT32_MAX = 2**31 - 1
 # Keys per group in :func:`_smallest_keys_major`.
