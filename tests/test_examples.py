@@ -1,7 +1,7 @@
 """Every config in examples/ runs end to end through `pejax run` on tiny models built and saved here.
 
 Each test runs the example file itself, overriding only paths and sizes with `--set`, the way a user adapts an
-example. The tiny models follow tests/test_hf_diffusers.py, tests/test_text.py and tests/test_diffusion.py.
+example. The tiny models come from tests/_tiny_models.py or follow tests/test_diffusion.py.
 """
 
 import json
@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 from _tiny_models import byte_bpe_tokenizer
+from _tiny_models import save_tiny_clip
 from _tiny_models import tiny_gpt2
+from _tiny_models import tiny_stable_diffusion
 
 from pejax.cli import main
 from pejax.config import PEConfig
@@ -279,32 +281,10 @@ def _image_folder(root: pathlib.Path, names, per_class: int, size: int, seed: in
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
-    transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=1,
-            vocab_size=99,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=1,
-            image_size=16,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
+    pytest.importorskip("torch", reason="needs pejax[diffusers]")
+    pytest.importorskip("transformers", reason="needs pejax[diffusers]")
     path = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(config).save_pretrained(path)
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
-    ).save_pretrained(path)
+    save_tiny_clip(path, num_layers=1, image_size=16)
     return path
 
 
@@ -387,82 +367,16 @@ def test_cifar10_diffusers_example_matches_the_library_call(tmp_path, clip_path)
     np.testing.assert_array_equal(cli_images, ref)
 
 
-def _clip_tokenizer(transformers):
-    from tokenizers import pre_tokenizers
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
-
-
 @pytest.mark.slow
 def test_stable_diffusion_example_runs_with_prompts_from_class_names(tmp_path, clip_path):
-    torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
-    diffusers = pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
-    transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
+    pytest.importorskip("torch", reason="needs pejax[diffusers]")
+    pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
+    pytest.importorskip("transformers", reason="needs pejax[diffusers]")
     from pejax.registry import BuildContext
     from pejax.run_config import build_generator
 
-    torch.manual_seed(2)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=2,
-        attention_head_dim=2,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=16,
-    )
-    tokenizer, vocab_size = _clip_tokenizer(transformers)
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=1,
-            vocab_size=vocab_size,
-            max_position_embeddings=77,
-        )
-    )
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     sd_path = tmp_path / "sd"
-    diffusers.StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        scheduler=scheduler,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(sd_path)
+    tiny_stable_diffusion(text_layers=1).save_pretrained(sd_path)
     photos = _image_folder(tmp_path / "cats", ["cookie", "doudou"], 5, 16, 3)
 
     gen = build_generator(

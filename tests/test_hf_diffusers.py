@@ -15,6 +15,8 @@ torch = pytest.importorskip("torch", reason="needs pejax[diffusers]")
 diffusers = pytest.importorskip("diffusers", reason="needs pejax[diffusers]")
 transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers]")
 
+from _tiny_models import tiny_stable_diffusion  # noqa: E402
+
 from pejax.config import PEConfig  # noqa: E402
 from pejax.config import PrivacyConfig  # noqa: E402
 from pejax.config import SpeedConfig  # noqa: E402
@@ -68,76 +70,9 @@ def ddpm_path(tmp_path_factory):
     return path
 
 
-def _clip_tokenizer():
-    """A character-level CLIP tokenizer (no merges) built from the byte-level alphabet: no download."""
-    from tokenizers import pre_tokenizers
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
-
-
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory):
-    torch.manual_seed(2)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=2,
-        attention_head_dim=2,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=16,
-    )
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    tokenizer, vocab_size = _clip_tokenizer()
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=vocab_size,
-            max_position_embeddings=77,
-        )
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        scheduler=scheduler,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_stable_diffusion(text_layers=2)
     path = tmp_path_factory.mktemp("sd")
     pipe.save_pretrained(path)
     return path

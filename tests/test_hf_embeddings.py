@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs pejax[diffusers] or pejax[text]")
 transformers = pytest.importorskip("transformers", reason="needs pejax[diffusers] or pejax[text]")
 
+from _tiny_models import save_tiny_clip  # noqa: E402
+
 from pejax.generators.text_codec import encode_texts  # noqa: E402
 from pejax.hf_embeddings import SentenceTransformerEmbedding  # noqa: E402
 from pejax.hf_embeddings import TransformersImageEmbedding  # noqa: E402
@@ -81,35 +83,10 @@ def test_sentence_transformer_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- images
 
 
-def _clip_config(image_size=32):
-    return transformers.CLIPConfig(
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=99,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=image_size,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-
-
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(_clip_config()).save_pretrained(path)
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(path)
+    save_tiny_clip(path, num_layers=2, image_size=32)
     return path
 
 
