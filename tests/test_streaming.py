@@ -3,6 +3,7 @@ import os
 import stat
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -74,6 +75,52 @@ def test_streamed_user_level_is_bit_exact(npy, metric, k):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
+@pytest.mark.parametrize("k,key_chunk_rows", [(1, 7), (3, 7), (4, 36), (2, 2)])
+def test_key_chunks_give_the_same_votes(npy, k, key_chunk_rows):
+    """The synthetic side read in key chunks (awkward sizes: 37 keys in chunks of 7, 36, 2) votes exactly as one
+    search over all keys, at sample and user level and as lattice votes."""
+    path, private, synthetic = npy
+    kw = dict(k=k, chunk_rows=300, key_chunk_rows=key_chunk_rows)
+    ref = pejax.vote_histogram(private, jnp.asarray(synthetic), k=k)
+    for source in (path, private):
+        np.testing.assert_array_equal(
+            np.asarray(streamed_vote_histogram(source, synthetic, **kw)), np.asarray(ref)
+        )
+    groups = np.random.default_rng(3).integers(0, 90, size=len(private))
+    ref = pejax.vote_histogram(private, jnp.asarray(synthetic), k=k, group_ids=groups)
+    got = streamed_vote_histogram(path, synthetic, group_ids=groups, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    lattice = streaming.streamed_lattice_vote_histogram(path, synthetic, **kw)
+    ref = pejax.votes.lattice_vote_histogram(private, jnp.asarray(synthetic), k=k)
+    np.testing.assert_array_equal(lattice.counts, ref.counts)
+    assert lattice.scale == ref.scale
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_key_chunks_keep_ties_with_the_lowest_index(k):
+    """Small-integer vectors: many keys tie exactly, also across key chunks (39 keys in chunks of 5). The votes
+    are those of one search, where ties go to the lowest index."""
+    rng = np.random.default_rng(5)
+    private = rng.integers(0, 3, size=(60, 2)).astype(np.float32)
+    synthetic = rng.integers(0, 3, size=(39, 2)).astype(np.float32)
+    ref = pejax.vote_histogram(private, jnp.asarray(synthetic), k=k)
+    got = streamed_vote_histogram(private, synthetic, k=k, chunk_rows=16, key_chunk_rows=5)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_key_chunk_errors():
+    private, synthetic = _data(n=50, m=10, d=4)
+    with pytest.raises(ValueError, match="key_chunk_rows=2 is below k=3"):
+        streamed_vote_histogram(private, synthetic, k=3, key_chunk_rows=2)
+    with pytest.raises(ValueError, match="key_chunk_rows=4 applies to backend='xla'"):
+        streamed_vote_histogram(private, synthetic, key_chunk_rows=4, backend="blas")
+    with pytest.raises(ValueError, match="key_chunk_rows must be"):
+        streamed_vote_histogram(private, synthetic, key_chunk_rows=0)
+    synthetic[7, 2] = np.inf
+    with pytest.raises(ValueError, match=r"synthetic contains NaN or Inf \(first in row 7\)"):
+        streamed_vote_histogram(private, synthetic, key_chunk_rows=4)
+
+
 def test_reads_are_bounded_and_kernel_compiles_once():
     private, synthetic = _data(n=700, m=29, d=3, seed=4)
     source = _Recorder(private)
@@ -114,13 +161,13 @@ def test_nonfinite_check_sees_inf_and_overflow_alike(tmp_path):
         streamed_vote_histogram(path, synthetic, chunk_rows=128)
 
 
-def test_default_chunk_is_64_mib_of_rows(tmp_path):
-    private, synthetic = _data(n=70000, m=20, d=256)
+def test_default_chunk_is_16_mib_of_rows(tmp_path):
+    private, synthetic = _data(n=20000, m=20, d=256)
     path = tmp_path / "p.npy"
     np.save(path, private)
     reader = _Recorder(private)
     got = np.asarray(streamed_vote_histogram(reader, synthetic))
-    assert [r.stop - r.start for r in reader.reads] == [65536, 70000 - 65536]
+    assert [r.stop - r.start for r in reader.reads] == [16384, 20000 - 16384]
     np.testing.assert_array_equal(got, np.asarray(streamed_vote_histogram(path, synthetic)))
     np.testing.assert_array_equal(got, np.asarray(pejax.vote_histogram(private, synthetic)))
 

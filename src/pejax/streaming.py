@@ -11,8 +11,11 @@ memory-mapped file with plain reads, so the file's pages sit in the page cache, 
 chunk with the same jitted kernel (every chunk is padded to one static shape, so it compiles once), and adds the
 integer vote counts. Memory is O(chunk_rows x d + m x d + m) plus the kernel's score blocks, whatever the number
 of private rows (chunks of a ``.npy`` file are read into 64-byte-aligned buffers, which XLA:CPU uses in place, so
-a chunk is held once, not copied to the device; by default a chunk is 64 MiB); at user level (``group_ids``) it also keeps the (n, k) int32 neighbour indices (``4 n k``
-bytes) because a user's rows may fall in different chunks. The result equals :func:`pejax.vote_histogram` on
+a chunk is held once, not copied to the device; by default a chunk is 16 MiB); at user level (``group_ids``) it
+also keeps the (n, k) int32 neighbour indices (``4 n k`` bytes) because a user's rows may fall in different chunks.
+The synthetic side can be read in key chunks too (``key_chunk_rows``; by default for a NumPy array of over 64 MiB
+that the device would copy whole): each private chunk then meets every key chunk in turn, and the m x d term
+becomes two key chunks. The result equals :func:`pejax.vote_histogram` on
 the whole array with the same exactness as :mod:`pejax.sharding` (same votes up to float32 near-ties; bit-for-bit
 at ``k = 1`` and at user level, correctly rounded ``count / sqrt(k)`` otherwise).
 """
@@ -206,7 +209,7 @@ class _Rows:
     With ``rows`` (sorted int indices), only those rows are read (a memory map gathers them), in that order.
     """
 
-    def __init__(self, private, rows=None):
+    def __init__(self, private, rows=None, name="private"):
         self.rows = None if rows is None else np.asarray(rows, np.int64)
         self.file = None
         if isinstance(private, (str, os.PathLike)):
@@ -218,10 +221,10 @@ class _Rows:
         if self.file is not None:
             self.shape, self.dtype = shape, dtype
             # Shape and dtype checks on a zero-stride view: nothing is read.
-            _host_matrix("private", np.broadcast_to(np.zeros((), dtype), shape))
+            _host_matrix(name, np.broadcast_to(np.zeros((), dtype), shape))
             self.array = None
         else:
-            self.array = _host_matrix("private", private)
+            self.array = _host_matrix(name, private)
             self.shape, self.dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
         if self.rows is not None:
             if self.rows.ndim != 1 or (
@@ -292,8 +295,13 @@ def _first_nonfinite_row(chunk: np.ndarray) -> int | None:
     return _nonfinite_row_search(chunk)
 
 
-# Private embeddings read per chunk by default: 64 MiB (65536 rows of 256 float32).
-_CHUNK_BYTES = 1 << 26
+# Private embeddings read per chunk by default: 16 MiB (16384 rows of 256 float32). At most two chunks are held.
+# Measured (benchmarks/mem_votes.py 70000 100000 256 --stream, one call): 64 MiB chunks, extra memory 236 MiB
+# and 73.5 s; 16 MiB chunks, 155 MiB and 49.2 s (a busy host that session; the time is not the chunks' doing).
+_CHUNK_BYTES = 1 << 24
+# Synthetic embeddings copied per key chunk when the synthetic side is voted in chunks (see
+# :func:`streamed_vote_histogram`): 16 MiB. At most two key chunks are held.
+_KEY_CHUNK_BYTES = 1 << 24
 _aligned_empty = _validate.aligned_empty
 
 
@@ -350,8 +358,36 @@ def _index_chunk(chunk, keys, *, k, metric, block_size, key_block_size, precisio
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _count_chunk(counts, chunk, num_valid, keys, **kernel):
     idx = _index_chunk(chunk, keys, **kernel)  # inlined into this program by jit
-    valid = (jnp.arange(chunk.shape[0]) < num_valid).astype(jnp.int32)
-    return counts.at[idx.reshape(-1)].add(jnp.repeat(valid, kernel["k"]))
+    return _count_indices(counts, idx, num_valid)
+
+
+@jax.jit
+def _count_indices(counts, idx, num_valid):
+    """``counts`` plus one vote per neighbour index of the first ``num_valid`` rows of ``idx`` (rows, k)."""
+    valid = (jnp.arange(idx.shape[0]) < num_valid).astype(jnp.int32)
+    return counts.at[idx.reshape(-1)].add(jnp.repeat(valid, idx.shape[1]))
+
+
+_PLAN = ("k", "metric", "query_block", "key_block", "num_query_blocks", "precision")
+
+
+@functools.partial(jax.jit, static_argnames=_PLAN)
+def _merge_key_chunk(best_s, best_i, chunk, key_chunk, num_keys, offset, **plan):
+    """The running (rows, k) best of ``chunk`` after also searching ``key_chunk``, whose first ``num_keys`` rows are
+    synthetic rows ``offset, offset + 1, ...``: ranking scores ascending and global int32 indices.
+
+    Key chunks are searched in ascending order, so on equal scores the running best (lower indices) comes first:
+    the same (score, then lowest index) order as one search over all keys, as in the key-block loop of
+    :func:`pejax.neighbors.nearest_neighbors`.
+    """
+    k = plan["k"]
+    scores, idx = _nn._knn_scores(chunk, key_chunk, num_keys=num_keys, **plan)
+    idx = idx + offset
+    if k == 1:
+        better = scores < best_s  # strictly: on equal scores the earlier chunk keeps the vote
+        return jnp.where(better, scores, best_s), jnp.where(better, idx, best_i)
+    neg, pos = jax.lax.top_k(-jnp.concatenate([best_s, scores], axis=1), k)
+    return -neg, jnp.take_along_axis(jnp.concatenate([best_i, idx], axis=1), pos, axis=1)
 
 
 def streamed_vote_histogram(
@@ -367,6 +403,7 @@ def streamed_vote_histogram(
     precision: str = "highest",
     backend: str = "xla",
     rows=None,
+    key_chunk_rows: int | None = None,
     _lattice: bool = False,
 ) -> jax.Array:
     """:func:`pejax.vote_histogram` over private embeddings read ``chunk_rows`` rows at a time.
@@ -375,8 +412,9 @@ def streamed_vote_histogram(
       private: (n, d) floating private embeddings: a path to a ``.npy`` file (e.g. from
         :func:`embed_to_memmap`), a memory-mapped array, or any array with row slicing (NumPy, JAX, h5py).
         ``.npy`` files, given by path or as a ``np.memmap`` of a whole file, are read with plain reads.
-      synthetic: (m, d) floating synthetic embeddings (finite), m >= k; held on the device.
-      chunk_rows: private rows voted per step (default: 64 MiB of rows, e.g. 65536 rows of 256 float32; the
+      synthetic: (m, d) floating synthetic embeddings (finite), m >= k; held on the device (see
+        ``key_chunk_rows``).
+      chunk_rows: private rows voted per step (default: 16 MiB of rows, e.g. 16384 rows of 256 float32; the
         last chunk is padded, and padded rows cast no vote). Memory setting only: it changes neither the votes
         nor the privacy guarantee.
       k: each private sample votes for its k nearest synthetic samples with weight 1/sqrt(k).
@@ -386,6 +424,12 @@ def streamed_vote_histogram(
         (``backend="blas"`` or ``"faiss"``: each chunk searched on the host CPU).
       rows: optional sorted row indices: vote with those rows of ``private`` only (e.g. one class); ``group_ids``
         are then those rows' ids.
+      key_chunk_rows: with ``backend="xla"``, also read the synthetic side ``key_chunk_rows`` rows at a time
+        (each private chunk is searched against every key chunk in turn, keeping a running best), so that no
+        whole copy of it is made. The default does so, in 16 MiB key chunks, for a NumPy array of over 64 MiB
+        that the CPU device would copy whole (not 64-byte aligned, not C-contiguous or not float32); a JAX array
+        or an aligned float32 array is used in place. Memory setting only: the votes are the same. Must be at
+        least ``k``.
 
     Returns:
       (m,) float32 histogram with L2 sensitivity :data:`pejax.HISTOGRAM_SENSITIVITY` = 1.
@@ -412,15 +456,28 @@ def streamed_vote_histogram(
     if key_block_size is not None:
         _validate.positive_int("key_block_size", key_block_size)
     rows = _Rows(private, rows)
-    synthetic = _validate.matrix("synthetic", synthetic)
+    if key_chunk_rows is not None:
+        key_chunk_rows = _validate.positive_int("key_chunk_rows", key_chunk_rows)
+        if backend != "xla":
+            raise ValueError(
+                f"key_chunk_rows={key_chunk_rows!r} applies to backend='xla'; the host backends read the "
+                "synthetic array in place. Drop key_chunk_rows."
+            )
+    if key_chunk_rows is not None or (backend == "xla" and _votes._copied_whole(synthetic)):
+        keys_source = _Rows(synthetic, name="synthetic")  # read per key chunk: no whole copy
+        synthetic_shape, synthetic_dtype = keys_source.shape, keys_source.dtype
+    else:
+        keys_source = None
+        synthetic = _validate.matrix("synthetic", synthetic)
+        synthetic_shape, synthetic_dtype = tuple(synthetic.shape), synthetic.dtype
     n, d = rows.shape
-    m = synthetic.shape[0]
+    m = synthetic_shape[0]
     if n == 0:
         raise ValueError(f"private must not be empty, got shape {rows.shape}.")
-    if d != synthetic.shape[1]:
+    if d != synthetic_shape[1]:
         raise ValueError(
             f"private and synthetic must have the same embedding dimension, got private.shape={rows.shape} "
-            f"and synthetic.shape={tuple(synthetic.shape)}. Embed both with the same embedding function."
+            f"and synthetic.shape={synthetic_shape}. Embed both with the same embedding function."
         )
     if k > m:
         raise ValueError(
@@ -432,10 +489,36 @@ def streamed_vote_histogram(
             f"n * k = {n * k} votes overflow int32 counts. Vote in parts of fewer than {_INT32_MAX // k} "
             "samples and add the histograms."
         )
+    if key_chunk_rows is not None and key_chunk_rows < k:
+        raise ValueError(
+            f"key_chunk_rows={key_chunk_rows} is below k={k}: each key chunk must hold k synthetic rows. "
+            f"Use key_chunk_rows >= {k}."
+        )
     groups = None if group_ids is None else _votes.dense_group_ids(group_ids, n)
-    dtype = _common_dtype(rows.dtype, synthetic.dtype)
+    dtype = _common_dtype(rows.dtype, synthetic_dtype)
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
+    if keys_source is not None:
+        key_rows = key_chunk_rows or max(k, _KEY_CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
+        return _voted_by_key_chunks(
+            rows,
+            keys_source,
+            min(chunk_rows, n),
+            min(key_rows, m),
+            dtype,
+            groups,
+            _lattice,
+            **_nn.block_plan(
+                min(chunk_rows, n),
+                min(key_rows, m),
+                block_size=block_size,
+                key_block_size=key_block_size,
+                precision=precision,
+                dim=d,
+            ),
+            k=k,
+            metric=metric,
+        )
     if _nn.check_backend(backend, precision, synthetic) != "xla":
         return _streamed_on_host(
             rows,
@@ -460,19 +543,7 @@ def streamed_vote_histogram(
     counts = jnp.zeros((m,), jnp.int32)
     indices = None if groups is None else np.empty((n, k), np.int32)
     pending = None  # (start, stop, device indices) of the chunk in flight, at user level
-    for start in range(0, n, chunk_rows):
-        stop = min(start + chunk_rows, n)
-        chunk = rows.read(start, stop, chunk_rows if rows.dtype == dtype else None)
-        bad = _first_nonfinite_row(chunk[: stop - start])
-        if bad is not None:
-            raise ValueError(_nonfinite_message("private", start + bad))
-        if chunk.dtype != dtype or chunk.shape[0] < chunk_rows:
-            wide = _aligned_empty((chunk_rows, d), dtype)
-            wide[: stop - start] = chunk[: stop - start]
-            wide[stop - start :] = 0
-            chunk = wide
-        # device_put uses an aligned chunk in place; the chunk is a fresh buffer, never written again.
-        chunk = jax.device_put(chunk)
+    for start, stop, chunk in _private_chunks(rows, chunk_rows, dtype):
         if groups is None:
             previous = counts
             counts = _count_chunk(counts, chunk, jnp.int32(stop - start), keys, **kernel)
@@ -495,6 +566,76 @@ def streamed_vote_histogram(
     a, b, idx = pending
     indices[a:b] = np.asarray(idx)[: b - a]
     if _lattice:
+        return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
+    return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
+
+
+def _private_chunks(rows, chunk_rows, dtype):
+    """Yields ``(start, stop, device chunk)``: the private rows ``chunk_rows`` at a time, checked finite, in
+    aligned (chunk_rows, d) buffers of ``dtype`` padded with zeros, which the device uses in place."""
+    n, d = rows.shape
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        chunk = rows.read(start, stop, chunk_rows if rows.dtype == dtype else None)
+        bad = _first_nonfinite_row(chunk[: stop - start])
+        if bad is not None:
+            raise ValueError(_nonfinite_message("private", start + bad))
+        if chunk.dtype != dtype or chunk.shape[0] < chunk_rows:
+            wide = _aligned_empty((chunk_rows, d), dtype)
+            wide[: stop - start] = chunk[: stop - start]
+            wide[stop - start :] = 0
+            chunk = wide
+        # device_put uses an aligned chunk in place; the chunk is a fresh buffer, never written again.
+        yield start, stop, jax.device_put(chunk)
+
+
+def _nearest_over_key_chunks(chunk, keys, key_rows, dtype, plan, *, check):
+    """(rows, k) int32 indices of the k nearest synthetic rows of the device ``chunk``, the synthetic rows read
+    from ``keys`` (a :class:`_Rows`) ``key_rows`` at a time, at most two key chunks held; ``check``: also check
+    the synthetic rows finite (done on the first private chunk, before any vote leaves this module)."""
+    m, d = keys.shape
+    k = plan["k"]
+    best = (
+        jnp.full((chunk.shape[0], k), jnp.inf, jnp.float32),
+        jnp.zeros((chunk.shape[0], k), jnp.int32),
+    )
+    for start in range(0, m, key_rows):
+        stop = min(start + key_rows, m)
+        part = keys.read(start, stop, key_rows if keys.dtype == dtype else None)
+        if check:
+            bad = _first_nonfinite_row(part[: stop - start])
+            if bad is not None:
+                raise ValueError(_nonfinite_message("synthetic", start + bad))
+        if part.dtype != dtype or part.shape[0] < key_rows:
+            wide = _aligned_empty((key_rows, d), dtype)
+            wide[: stop - start] = part[: stop - start]
+            wide[stop - start :] = 0
+            part = wide
+        previous = best
+        best = _merge_key_chunk(
+            *best, chunk, jax.device_put(part), jnp.int32(stop - start), jnp.int32(start), **plan
+        )
+        previous[0].block_until_ready()  # at most two key chunks in flight
+    return best[1]
+
+
+def _voted_by_key_chunks(rows, keys, chunk_rows, key_rows, dtype, groups, lattice, **plan):
+    """The chunk loop of :func:`streamed_vote_histogram` with the synthetic side read in key chunks too."""
+    n, m, k = rows.shape[0], keys.shape[0], plan["k"]
+    counts = jnp.zeros((m,), jnp.int32)
+    indices = None if groups is None else np.empty((n, k), np.int32)
+    for start, stop, chunk in _private_chunks(rows, chunk_rows, dtype):
+        idx = _nearest_over_key_chunks(chunk, keys, key_rows, dtype, plan, check=start == 0)
+        if groups is None:
+            counts = _count_indices(counts, idx, jnp.int32(stop - start))
+        else:
+            indices[start:stop] = np.asarray(idx)[: stop - start]
+    if groups is None:
+        counts.block_until_ready()  # no vote may still read an aligned chunk of the caller's array
+        return (
+            _votes.sample_lattice(np.asarray(counts), k=k) if lattice else _scale_counts(counts, k)
+        )
+    if lattice:
         return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
     return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
 

@@ -166,8 +166,9 @@ def vote_histogram(
     ``np.memmap``, streamed in chunks of ``chunk_rows`` rows so it is never loaded whole
     (:func:`pejax.streaming.streamed_vote_histogram`). Every source gives the same histogram. A NumPy array of
     over 64 MiB that the CPU device would copy whole (not 64-byte aligned, as NumPy's own large arrays are not,
-    not C-contiguous, or not float32) is voted in 16 MiB chunks through the same streamed core, so its vote needs
-    two chunks of extra memory rather than a copy of it; JAX arrays and aligned float32 arrays are used in place.
+    not C-contiguous, or not float32), private or synthetic, is voted in 16 MiB chunks through the same streamed
+    core, so its vote needs two chunks of extra memory rather than a copy of it; JAX arrays and aligned float32
+    arrays are used in place.
 
     Args:
       private: (n, d) float private embeddings (finite).
@@ -445,10 +446,15 @@ def _route(private, synthetic, mesh, chunk_rows, backend, kw, *, lattice: bool):
             )
         mesh = private.sharding.mesh if mesh is None else mesh
         return sharded_vote_histogram(private, synthetic, mesh=mesh, _lattice=lattice, **kw)
-    if backend == "xla" and kw["precision"] != _nn.BFLOAT16 and _copied_whole(private):
+    if (
+        backend == "xla"
+        and kw["precision"] != _nn.BFLOAT16
+        and (_copied_whole(private) or _copied_whole(synthetic))
+    ):
         from pejax.streaming import streamed_vote_histogram
 
-        chunk_rows = max(1, _HOST_CHUNK_BYTES // (private.shape[1] * 4))
+        dim = (private if _copied_whole(private) else synthetic).shape[1]  # a 2-D array here
+        chunk_rows = max(1, _HOST_CHUNK_BYTES // (dim * 4))
         return streamed_vote_histogram(
             private, synthetic, backend=backend, _lattice=lattice, chunk_rows=chunk_rows, **kw
         )
@@ -456,7 +462,8 @@ def _route(private, synthetic, mesh, chunk_rows, backend, kw, *, lattice: bool):
 
 
 # A large NumPy private array that the device would copy whole (see :func:`_copied_whole`) is voted in chunks of
-# this many bytes of float32 rows instead, through the streamed core: at most two chunks are held at a time.
+# this many bytes of float32 rows instead, through the streamed core: at most two chunks are held at a time. Such a
+# synthetic array is read in key chunks of the same size there (``streaming._KEY_CHUNK_BYTES``).
 # Measured (benchmarks/bench_votes.py's data, one process, alternating): 200000 x 256 against 50000 synthetic,
 # extra memory 254 -> 96 MiB and 21.9 -> 20.3 s; 10000 x 2048 against 10000, 214 -> 169-187 MiB, 2.3 -> 2.2 s.
 # In the quiet benchmark's separate processes the chunked vote took 3-9% longer on the four large cases.
@@ -464,17 +471,17 @@ _HOST_CHUNK_BYTES = 1 << 24
 _HOST_CHUNKED_MIN_BYTES = 1 << 26
 
 
-def _copied_whole(private) -> bool:
+def _copied_whole(array) -> bool:
     """True for a plain 2-D NumPy array of more than 64 MiB that ``jax.device_put`` would copy whole: its data
     not 64-byte aligned (NumPy's own large arrays are 16-byte aligned), not C-contiguous, or not float32."""
-    if type(private) is not np.ndarray or private.ndim != 2:
+    if type(array) is not np.ndarray or array.ndim != 2:
         return False
-    if private.nbytes <= _HOST_CHUNKED_MIN_BYTES or not np.issubdtype(private.dtype, np.floating):
+    if array.nbytes <= _HOST_CHUNKED_MIN_BYTES or not np.issubdtype(array.dtype, np.floating):
         return False
     return (
-        private.dtype != np.float32
-        or not private.flags.c_contiguous
-        or private.ctypes.data % _validate.ALIGN != 0
+        array.dtype != np.float32
+        or not array.flags.c_contiguous
+        or array.ctypes.data % _validate.ALIGN != 0
     )
 
 
