@@ -499,7 +499,12 @@ def streamed_vote_histogram(
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
     if keys_source is not None:
-        key_rows = key_chunk_rows or max(k, _KEY_CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
+        key_rows = key_chunk_rows
+        if (
+            key_rows is None
+        ):  # balanced chunks of at most 16 MiB: the last one is not mostly padding
+            target = max(k, _KEY_CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
+            key_rows = max(k, _nn.balanced_block(m, target)[1])
         return _voted_by_key_chunks(
             rows,
             keys_source,
