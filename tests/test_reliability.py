@@ -376,7 +376,7 @@ def test_zero_byte_data_file_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_leaves_nothing_behind(tmp_path):
     # Enough iterations that the interrupt lands mid-run (a warm 2-iteration run can finish within one poll).
-    config = write_config(tmp_path, SMALL.replace("iterations = 2", "iterations = 40"))
+    config = write_config(tmp_path, SMALL.replace("iterations = 2", "iterations = 12"))
     out = tmp_path / "out"
     args = [*CLI, "run", str(config), "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(
