@@ -548,7 +548,7 @@ def streamed_vote_histogram(
     counts = jnp.zeros((m,), jnp.int32)
     indices = None if groups is None else np.empty((n, k), np.int32)
     pending = None  # (start, stop, device indices) of the chunk in flight, at user level
-    for start, stop, chunk in _private_chunks(rows, chunk_rows, dtype):
+    for start, stop, chunk in _aligned_chunks(rows, chunk_rows, dtype, "private"):
         if groups is None:
             previous = counts
             counts = _count_chunk(counts, chunk, jnp.int32(stop - start), keys, **kernel)
@@ -575,16 +575,18 @@ def streamed_vote_histogram(
     return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
 
 
-def _private_chunks(rows, chunk_rows, dtype):
-    """Yields ``(start, stop, device chunk)``: the private rows ``chunk_rows`` at a time, checked finite, in
-    aligned (chunk_rows, d) buffers of ``dtype`` padded with zeros, which the device uses in place."""
-    n, d = rows.shape
+def _aligned_chunks(reader, chunk_rows, dtype, name, *, check=True):
+    """Yields ``(start, stop, device chunk)``: the rows of ``reader`` (a :class:`_Rows`) ``chunk_rows`` at a time,
+    checked finite (the error names ``name`` and the row) unless ``check`` is False, in aligned (chunk_rows, d)
+    buffers of ``dtype`` padded with zeros, which the device uses in place."""
+    n, d = reader.shape
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        chunk = rows.read(start, stop, chunk_rows if rows.dtype == dtype else None)
-        bad = _first_nonfinite_row(chunk[: stop - start])
-        if bad is not None:
-            raise ValueError(_nonfinite_message("private", start + bad))
+        chunk = reader.read(start, stop, chunk_rows if reader.dtype == dtype else None)
+        if check:
+            bad = _first_nonfinite_row(chunk[: stop - start])
+            if bad is not None:
+                raise ValueError(_nonfinite_message(name, start + bad))
         if chunk.dtype != dtype or chunk.shape[0] < chunk_rows:
             wide = _aligned_empty((chunk_rows, d), dtype)
             wide[: stop - start] = chunk[: stop - start]
@@ -598,27 +600,15 @@ def _nearest_over_key_chunks(chunk, keys, key_rows, dtype, plan, *, check):
     """(rows, k) int32 indices of the k nearest synthetic rows of the device ``chunk``, the synthetic rows read
     from ``keys`` (a :class:`_Rows`) ``key_rows`` at a time, at most two key chunks held; ``check``: also check
     the synthetic rows finite (done on the first private chunk, before any vote leaves this module)."""
-    m, d = keys.shape
     k = plan["k"]
     best = (
         jnp.full((chunk.shape[0], k), jnp.inf, jnp.float32),
         jnp.zeros((chunk.shape[0], k), jnp.int32),
     )
-    for start in range(0, m, key_rows):
-        stop = min(start + key_rows, m)
-        part = keys.read(start, stop, key_rows if keys.dtype == dtype else None)
-        if check:
-            bad = _first_nonfinite_row(part[: stop - start])
-            if bad is not None:
-                raise ValueError(_nonfinite_message("synthetic", start + bad))
-        if part.dtype != dtype or part.shape[0] < key_rows:
-            wide = _aligned_empty((key_rows, d), dtype)
-            wide[: stop - start] = part[: stop - start]
-            wide[stop - start :] = 0
-            part = wide
+    for start, stop, part in _aligned_chunks(keys, key_rows, dtype, "synthetic", check=check):
         previous = best
         best = _merge_key_chunk(
-            *best, chunk, jax.device_put(part), jnp.int32(stop - start), jnp.int32(start), **plan
+            *best, chunk, part, jnp.int32(stop - start), jnp.int32(start), **plan
         )
         previous[0].block_until_ready()  # at most two key chunks in flight
     return best[1]
@@ -629,7 +619,7 @@ def _voted_by_key_chunks(rows, keys, chunk_rows, key_rows, dtype, groups, lattic
     n, m, k = rows.shape[0], keys.shape[0], plan["k"]
     counts = jnp.zeros((m,), jnp.int32)
     indices = None if groups is None else np.empty((n, k), np.int32)
-    for start, stop, chunk in _private_chunks(rows, chunk_rows, dtype):
+    for start, stop, chunk in _aligned_chunks(rows, chunk_rows, dtype, "private"):
         idx = _nearest_over_key_chunks(chunk, keys, key_rows, dtype, plan, check=start == 0)
         if groups is None:
             counts = _count_indices(counts, idx, jnp.int32(stop - start))
