@@ -182,6 +182,29 @@ def _smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -neg, idx
 
 
+def _empty_best(rows: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """The start of a running k-nearest search: (rows, k) scores of +inf and indices 0 (see
+    :func:`_merge_best`)."""
+    return jnp.full((rows, k), jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32)
+
+
+def _merge_best(best, new):
+    """The running (scores, indices) ``best`` (rows, k) merged with the (rows, k' <= k) ``new`` results of a later
+    block of keys, whose indices are all higher: the k smallest scores, ties to the lowest index.
+
+    k = 1: only a strictly better score replaces the running best, so on equal scores the earlier block keeps
+    the vote. k > 1: the running best comes first in one ``top_k``, which on equal scores keeps the earlier entry.
+    """
+    best_s, best_i = best
+    new_s, new_i = new
+    k = best_s.shape[1]
+    if k == 1:
+        better = new_s < best_s
+        return jnp.where(better, new_s, best_s), jnp.where(better, new_i, best_i)
+    neg, pos = lax.top_k(-jnp.concatenate([best_s, new_s], axis=1), k)
+    return -neg, jnp.take_along_axis(jnp.concatenate([best_i, new_i], axis=1), pos, axis=1)
+
+
 def _knn_scores(
     queries,
     keys,
@@ -271,26 +294,13 @@ def _knn_scores(
                 best_i = jnp.where(best_s < jnp.inf, best_i, 0)
             return best_s, best_i
 
-        def step(carry, j):
-            best_s, best_i = carry
+        def step(best, j):
             kb, bb, offset = key_block_at(j)
-            kk = min(k, key_block)
-            blk_s, blk_i = block_smallest(q, kb, bb, kk)
-            blk_i = blk_i + offset
-            if k == 1:
-                # Strictly better only: on equal scores the earlier (lower-index) block keeps the vote.
-                better = blk_s < best_s
-                return (jnp.where(better, blk_s, best_s), jnp.where(better, blk_i, best_i)), None
-            # Running best first: on equal scores top_k keeps the earlier (lower-index) entry.
-            cand_s = jnp.concatenate([best_s, blk_s], axis=1)
-            cand_i = jnp.concatenate([best_i, blk_i], axis=1)
-            neg2, pos = lax.top_k(-cand_s, k)
-            return (-neg2, jnp.take_along_axis(cand_i, pos, axis=1)), None
+            blk_s, blk_i = block_smallest(q, kb, bb, min(k, key_block))
+            return _merge_best(best, (blk_s, blk_i + offset)), None
 
-        rows = q.shape[0]
-        init = (jnp.full((rows, k), jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32))
-        (best_s, best_i), _ = lax.scan(step, init, jnp.arange(num_key_blocks, dtype=jnp.int32))
-        return best_s, best_i
+        blocks = jnp.arange(num_key_blocks, dtype=jnp.int32)
+        return lax.scan(step, _empty_best(q.shape[0], k), blocks)[0]
 
     if num_query_blocks == 1 or n < query_block:
         # One block (small inputs; padded to the block's rows), or blocks larger than n: pad, no loop saved.

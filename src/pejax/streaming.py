@@ -376,18 +376,11 @@ def _merge_key_chunk(best_s, best_i, chunk, key_chunk, num_keys, offset, **plan)
     """The running (rows, k) best of ``chunk`` after also searching ``key_chunk``, whose first ``num_keys`` rows are
     synthetic rows ``offset, offset + 1, ...``: ranking scores ascending and global int32 indices.
 
-    Key chunks are searched in ascending order, so on equal scores the running best (lower indices) comes first:
-    the same (score, then lowest index) order as one search over all keys, as in the key-block loop of
-    :func:`pejax.neighbors.nearest_neighbors`.
+    Key chunks are searched in ascending order and merged by the kernel's own key-block rule
+    (``neighbors._merge_best``): the same (score, then lowest index) order as one search over all keys.
     """
-    k = plan["k"]
     scores, idx = _nn._knn_scores(chunk, key_chunk, num_keys=num_keys, **plan)
-    idx = idx + offset
-    if k == 1:
-        better = scores < best_s  # strictly: on equal scores the earlier chunk keeps the vote
-        return jnp.where(better, scores, best_s), jnp.where(better, idx, best_i)
-    neg, pos = jax.lax.top_k(-jnp.concatenate([best_s, scores], axis=1), k)
-    return -neg, jnp.take_along_axis(jnp.concatenate([best_i, idx], axis=1), pos, axis=1)
+    return _nn._merge_best((best_s, best_i), (scores, idx + offset))
 
 
 def streamed_vote_histogram(
@@ -500,9 +493,8 @@ def streamed_vote_histogram(
         chunk_rows = max(1, _CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
     if keys_source is not None:
         key_rows = key_chunk_rows
-        if (
-            key_rows is None
-        ):  # balanced chunks of at most 16 MiB: the last one is not mostly padding
+        if key_rows is None:
+            # Balanced chunks of at most 16 MiB: the last one is not mostly padding.
             target = max(k, _KEY_CHUNK_BYTES // (d * np.dtype(dtype).itemsize))
             key_rows = max(k, _nn.balanced_block(m, target)[1])
         return _voted_by_key_chunks(
@@ -565,12 +557,20 @@ def streamed_vote_histogram(
         # Wait for the last chunk: an aligned chunk of the caller's array is used in place, so no vote may
         # still read it once this function has returned.
         counts.block_until_ready()
-        return (
-            _votes.sample_lattice(np.asarray(counts), k=k) if _lattice else _scale_counts(counts, k)
-        )
-    a, b, idx = pending
-    indices[a:b] = np.asarray(idx)[: b - a]
-    if _lattice:
+    else:
+        a, b, idx = pending
+        indices[a:b] = np.asarray(idx)[: b - a]
+    return _histogram(counts, indices, groups, _lattice, m, k)
+
+
+def _histogram(counts, indices, groups, lattice, m, k):
+    """The votes of a chunk loop: from the (m,) integer ``counts`` at sample level, from the (n, k) neighbour
+    ``indices`` at user level (``groups``); a :class:`pejax.votes.LatticeVotes` when ``lattice``."""
+    if groups is None:
+        if lattice:
+            return _votes.sample_lattice(np.asarray(counts), k=k)
+        return _scale_counts(jnp.asarray(counts, jnp.int32), k)
+    if lattice:
         return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
     return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
 
@@ -600,11 +600,7 @@ def _nearest_over_key_chunks(chunk, keys, key_rows, dtype, plan, *, check):
     """(rows, k) int32 indices of the k nearest synthetic rows of the device ``chunk``, the synthetic rows read
     from ``keys`` (a :class:`_Rows`) ``key_rows`` at a time, at most two key chunks held; ``check``: also check
     the synthetic rows finite (done on the first private chunk, before any vote leaves this module)."""
-    k = plan["k"]
-    best = (
-        jnp.full((chunk.shape[0], k), jnp.inf, jnp.float32),
-        jnp.zeros((chunk.shape[0], k), jnp.int32),
-    )
+    best = _nn._empty_best(chunk.shape[0], plan["k"])
     for start, stop, part in _aligned_chunks(keys, key_rows, dtype, "synthetic", check=check):
         previous = best
         best = _merge_key_chunk(
@@ -625,14 +621,8 @@ def _voted_by_key_chunks(rows, keys, chunk_rows, key_rows, dtype, groups, lattic
             counts = _count_indices(counts, idx, jnp.int32(stop - start))
         else:
             indices[start:stop] = np.asarray(idx)[: stop - start]
-    if groups is None:
-        counts.block_until_ready()  # no vote may still read an aligned chunk of the caller's array
-        return (
-            _votes.sample_lattice(np.asarray(counts), k=k) if lattice else _scale_counts(counts, k)
-        )
-    if lattice:
-        return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
-    return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
+    counts.block_until_ready()  # no vote may still read an aligned chunk of the caller's array
+    return _histogram(counts, indices, groups, lattice, m, k)
 
 
 def _streamed_on_host(rows, keys, chunk_rows, groups, lattice, k, metric, **kernel):
@@ -651,13 +641,7 @@ def _streamed_on_host(rows, keys, chunk_rows, groups, lattice, k, metric, **kern
             counts += np.bincount(idx.reshape(-1), minlength=m)
         else:
             indices[start:stop] = idx
-    if groups is None:
-        if lattice:
-            return _votes.sample_lattice(counts, k=k)
-        return _scale_counts(jnp.asarray(counts.astype(np.int32)), k)
-    if lattice:
-        return _votes.user_lattice(indices, np.asarray(groups), num_bins=m, k=k)
-    return _votes.group_votes_from_indices(jnp.asarray(indices), groups, num_bins=m, k=k)
+    return _histogram(counts, indices, groups, lattice, m, k)
 
 
 def streamed_lattice_vote_histogram(private, synthetic, **kwargs):

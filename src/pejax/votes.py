@@ -446,15 +446,11 @@ def _route(private, synthetic, mesh, chunk_rows, backend, kw, *, lattice: bool):
             )
         mesh = private.sharding.mesh if mesh is None else mesh
         return sharded_vote_histogram(private, synthetic, mesh=mesh, _lattice=lattice, **kw)
-    if (
-        backend == "xla"
-        and kw["precision"] != _nn.BFLOAT16
-        and (_copied_whole(private) or _copied_whole(synthetic))
-    ):
+    large = next((a for a in (private, synthetic) if _copied_whole(a)), None)
+    if backend == "xla" and kw["precision"] != _nn.BFLOAT16 and large is not None:
         from pejax.streaming import streamed_vote_histogram
 
-        dim = (private if _copied_whole(private) else synthetic).shape[1]  # a 2-D array here
-        chunk_rows = max(1, _HOST_CHUNK_BYTES // (dim * 4))
+        chunk_rows = max(1, _HOST_CHUNK_BYTES // (large.shape[1] * 4))
         return streamed_vote_histogram(
             private, synthetic, backend=backend, _lattice=lattice, chunk_rows=chunk_rows, **kw
         )
